@@ -1,0 +1,1 @@
+//! The project's own test backend. PLACEHOLDER: the echo helper replaces this.

@@ -1,0 +1,44 @@
+//! meshgate: an edge load balancer and routing mesh for Docker Swarm.
+//!
+//! # Vocabulary
+//! - **downstream**: the client side of a proxied connection; **upstream**: the endpoint side.
+//! - **Service**: a named set of endpoints plus the ports it publishes and how to balance them.
+//! - **Endpoint**: one upstream address of a service (a task, a container, a static backend).
+//! - **Listener**: a socket meshgate accepts on (an L4 port, an HTTP entrypoint, a VIP port).
+//! - **Route**: what a listener (L4) or a router rule (L7) resolves to: a service's endpoint pool.
+//! - **Provider**: a source of desired state (the YAML file, Docker, Swarm, a manager's sync API).
+//! - **RoutingTable**: one immutable, compiled snapshot of everything the data path and DNS need,
+//!   numbered by a **generation** and swapped atomically.
+//!
+//! # Layout
+//! Control path (providers → control → table build):
+//! - [`model`]: the desired state providers publish (plain values, diffable).
+//! - [`config`]: the YAML config file: schema, defaults, validation with key and line.
+//! - [`provider`]: the file provider (watched YAML) and the Docker/Swarm providers.
+//! - [`control`]: merges provider states, builds a new table, stores it, reconciles listeners.
+//! - [`table`]: the compiled [`table::RoutingTable`] and its builder.
+//! - [`dns`]: DNS records precomputed per table and the embedded DNS server.
+//!
+//! Data path (listener → route lookup → balance → connect → proxy bytes):
+//! - [`listener`]: opens and closes listeners at runtime, drains on removal.
+//! - [`balance`]: endpoint picking (round robin, least-conn, P2C peak-EWMA, Maglev).
+//! - [`proxy`]: TCP (splice) and UDP proxying.
+//!
+//! Shared: [`stats`] (per-endpoint atomics that survive table swaps), [`clock`], [`metrics`],
+//! [`admin`] (admin API + Prometheus), [`echo`] (the project's own test backend).
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod balance;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod dns;
+pub mod echo;
+pub mod listener;
+pub mod metrics;
+pub mod model;
+pub mod provider;
+pub mod proxy;
+pub mod stats;
+pub mod table;

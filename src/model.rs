@@ -1,0 +1,258 @@
+//! The desired state: what every provider publishes and what the control path compiles into a
+//! [`RoutingTable`](crate::table::RoutingTable).
+//!
+//! Everything here is a plain value (`Clone + PartialEq + Eq`, ordered maps): it can be diffed,
+//! logged, compared in tests and rebuilt from scratch. Providers always publish a *full*
+//! [`DesiredState`]; nothing on the control path applies partial updates.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The complete routing intent of one provider (or of several, merged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DesiredState {
+    /// Services by name. The name is the stable identity used for stats, DNS and logs.
+    pub services: BTreeMap<String, ServiceSpec>,
+    /// HTTP entrypoints by name (L7; may be empty).
+    pub entrypoints: BTreeMap<String, EntrypointSpec>,
+    /// HTTP routers by name (L7; may be empty).
+    pub routers: BTreeMap<String, RouterSpec>,
+    /// Per-service problems a provider found and skipped (bad labels, …): reported, not fatal.
+    pub problems: Vec<Problem>,
+}
+
+/// A problem found in one provider object; the object is left out, everything else is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// Which provider reported it (`file`, `docker`, `swarm`).
+    pub provider: String,
+    /// The object concerned (service name, container name, …).
+    pub object: String,
+    /// Human-readable message naming the key or label.
+    pub message: String,
+}
+
+/// One service: a set of endpoints and the ports it publishes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    /// Published L4 ports (TCP/UDP listeners opened by meshgate).
+    pub ports: Vec<PortSpec>,
+    /// Target port for HTTP routers that point at this service (L7), if any.
+    pub http_port: Option<u16>,
+    pub endpoints: Vec<EndpointSpec>,
+    pub policy: Policy,
+    pub timeouts: Timeouts,
+    /// Connect attempts after the first one fails, each on a different endpoint.
+    pub retries: u32,
+    pub udp: UdpSettings,
+    /// Send a PROXY protocol header to the upstream on L4 connections.
+    pub proxy_protocol: ProxyProtocol,
+    /// Sticky-session cookie name for HTTP (None = not sticky).
+    pub sticky_cookie: Option<String>,
+    /// Active health check (None = passive only).
+    pub health_check: Option<HealthCheckSpec>,
+}
+
+impl ServiceSpec {
+    /// A service with defaults everywhere: used by providers and tests as a starting point.
+    pub fn new(name: impl Into<String>) -> Self {
+        ServiceSpec {
+            name: name.into(),
+            ports: Vec::new(),
+            http_port: None,
+            endpoints: Vec::new(),
+            policy: Policy::RoundRobin,
+            timeouts: Timeouts::default(),
+            retries: 1,
+            udp: UdpSettings::default(),
+            proxy_protocol: ProxyProtocol::None,
+            sticky_cookie: None,
+            health_check: None,
+        }
+    }
+}
+
+/// A port published by meshgate for a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PortSpec {
+    /// The port meshgate listens on.
+    pub published: u16,
+    /// The port on the endpoint (unless the endpoint overrides it, see [`EndpointSpec::port_for`]).
+    pub target: u16,
+    pub protocol: Protocol,
+    /// Address to bind; `0.0.0.0` by default.
+    pub bind: IpAddr,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// One endpoint (a task, a container, a static backend).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct EndpointSpec {
+    /// Stable identity (task ID, container ID, or the address for static endpoints).
+    pub id: String,
+    pub ip: IpAddr,
+    /// Fixed port for every target (static `host:port` endpoints).
+    pub port: Option<u16>,
+    /// Per-target-port overrides (`target → actual`), e.g. Swarm host-mode `PortStatus`.
+    pub port_map: BTreeMap<u16, u16>,
+    pub weight: u32,
+    /// Node the endpoint runs on (informational; used for node drain/down).
+    pub node: Option<String>,
+    /// Draining endpoints get no new connections; in-flight ones finish.
+    pub draining: bool,
+    /// Task slot (Swarm replicated services), for per-task DNS names.
+    pub slot: Option<u64>,
+}
+
+impl EndpointSpec {
+    /// A static endpoint at `addr` with weight 1.
+    pub fn from_addr(addr: SocketAddr) -> Self {
+        EndpointSpec {
+            id: addr.to_string(),
+            ip: addr.ip(),
+            port: Some(addr.port()),
+            port_map: BTreeMap::new(),
+            weight: 1,
+            node: None,
+            draining: false,
+            slot: None,
+        }
+    }
+
+    /// The upstream port for a service target port: override, then fixed port, then the target.
+    pub fn port_for(&self, target: u16) -> u16 {
+        self.port_map
+            .get(&target)
+            .copied()
+            .or(self.port)
+            .unwrap_or(target)
+    }
+}
+
+/// Balancing policy of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Weighted round robin over a precomputed interleaved schedule.
+    #[default]
+    RoundRobin,
+    /// Fewest in-flight connections per unit of weight.
+    LeastConn,
+    /// Power of two choices over peak-EWMA latency × (in-flight + 1).
+    P2c,
+    /// Maglev consistent hashing on the client IP (sticky per client).
+    ConsistentHash,
+}
+
+/// Timeouts of a service. `None` means "no timeout" (never a hidden default cut).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Close an L4 connection after this long without bytes in either direction.
+    pub idle: Option<Duration>,
+    /// Time to wait for established connections after the service's port is removed.
+    pub drain: Duration,
+    /// HTTP: time from request sent to response headers.
+    pub response: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(2),
+            idle: None,
+            drain: Duration::from_secs(30),
+            response: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// UDP flow settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UdpSettings {
+    pub idle: Duration,
+    pub max_flows: usize,
+}
+
+impl Default for UdpSettings {
+    fn default() -> Self {
+        UdpSettings {
+            idle: Duration::from_secs(30),
+            max_flows: 10_000,
+        }
+    }
+}
+
+/// PROXY protocol header sent upstream on L4 connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    None,
+    V1,
+    V2,
+}
+
+/// Active health check: a TCP connect (or HTTP GET when `http_path` is set) every `interval`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheckSpec {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failures before an endpoint is marked down.
+    pub fall: u32,
+    /// Consecutive successes before a down endpoint is marked up.
+    pub rise: u32,
+    pub http_path: Option<String>,
+}
+
+/// An HTTP/HTTPS entrypoint (L7 listener).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EntrypointSpec {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub kind: EntrypointKind,
+    /// Extra settings interpreted by the HTTP layer (TLS, redirect, limits); opaque here.
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EntrypointKind {
+    #[default]
+    Http,
+    Https,
+}
+
+/// An HTTP router: a rule on one or more entrypoints that sends requests to a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouterSpec {
+    pub name: String,
+    pub entrypoints: Vec<String>,
+    /// Traefik-style rule text, e.g. ``Host(`a.example`) && PathPrefix(`/api`)``.
+    pub rule: String,
+    pub service: String,
+    /// Higher wins; 0 means "derive from the rule's specificity".
+    pub priority: i64,
+}

@@ -1,0 +1,282 @@
+//! The compiled routing snapshot and its builder.
+//!
+//! A [`RoutingTable`] is immutable: the control path builds a new one from a [`DesiredState`]
+//! and stores it in an `ArcSwap`; the data path and the DNS server read whatever generation is
+//! current. Everything expensive (balancer schedules, Maglev tables, DNS answers, listener sets)
+//! is computed here, once per generation, never per request.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::balance::{Balancer, Endpoint};
+use crate::dns::{DnsConfig, DnsRecords};
+use crate::model::{DesiredState, Policy, Problem, Protocol, ServiceSpec};
+use crate::stats::StatsRegistry;
+
+/// What kind of socket a listener is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenKind {
+    Tcp,
+    Udp,
+    /// An HTTP or HTTPS entrypoint (L7).
+    Http,
+}
+
+impl From<Protocol> for ListenKind {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Tcp => ListenKind::Tcp,
+            Protocol::Udp => ListenKind::Udp,
+        }
+    }
+}
+
+impl std::fmt::Display for ListenKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ListenKind::Tcp => "tcp",
+            ListenKind::Udp => "udp",
+            ListenKind::Http => "http",
+        })
+    }
+}
+
+/// Identity of a listener: its kind and bound address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ListenKey {
+    pub kind: ListenKind,
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Display for ListenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.kind, self.addr)
+    }
+}
+
+/// The endpoints of a service for one target port, with the balancer built over them.
+#[derive(Debug)]
+pub struct Pool {
+    /// The service's target port this pool serves.
+    pub target: u16,
+    /// Endpoints that may take new connections (draining ones are left out).
+    pub endpoints: Box<[Endpoint]>,
+    pub balancer: Balancer,
+}
+
+/// A compiled service.
+#[derive(Debug)]
+pub struct ServiceRoute {
+    pub name: Arc<str>,
+    pub spec: ServiceSpec,
+    /// One pool per distinct target port (L4 ports and the HTTP port).
+    pub pools: Vec<Pool>,
+}
+
+impl ServiceRoute {
+    /// The pool for a target port.
+    pub fn pool(&self, target: u16) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.target == target)
+    }
+}
+
+/// What an L4 listener routes to.
+#[derive(Debug, Clone)]
+pub struct L4Route {
+    pub service: Arc<ServiceRoute>,
+    /// Index into `service.pools`.
+    pub pool: usize,
+}
+
+impl L4Route {
+    #[inline]
+    pub fn pool(&self) -> &Pool {
+        &self.service.pools[self.pool]
+    }
+}
+
+/// Options of a table build that do not come from providers.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    pub dns: DnsConfig,
+}
+
+/// One immutable routing snapshot.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    pub generation: u64,
+    /// Services by name.
+    pub services: BTreeMap<Arc<str>, Arc<ServiceRoute>>,
+    /// L4 listeners and what they route to (published ports and VIP ports).
+    pub l4: HashMap<ListenKey, L4Route>,
+    /// Every listener this generation wants open, with the drain timeout to use on removal.
+    pub listeners: BTreeMap<ListenKey, ListenerSpec>,
+    /// Stable service VIPs.
+    pub vips: BTreeMap<String, IpAddr>,
+    pub dns: DnsRecords,
+    /// Provider problems and build conflicts, for logs and the admin API.
+    pub problems: Vec<Problem>,
+    /// The desired state this table was built from.
+    pub desired: Arc<DesiredState>,
+}
+
+/// A listener the table wants open.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ListenerSpec {
+    pub key: ListenKey,
+    /// Who asked for it (service or entrypoint name).
+    pub owner: String,
+    pub drain: std::time::Duration,
+}
+
+impl RoutingTable {
+    /// Build a table from `desired`. Conflicts (two services on one port) are reported as
+    /// problems and resolved deterministically: the service whose name sorts first keeps the port.
+    pub fn build(
+        desired: &DesiredState,
+        opts: &BuildOptions,
+        stats: &StatsRegistry,
+        generation: u64,
+    ) -> RoutingTable {
+        let mut problems = desired.problems.clone();
+        let vips = crate::dns::allocate_vips(desired, &opts.dns);
+        let mut services = BTreeMap::new();
+        let mut l4 = HashMap::new();
+        let mut listeners = BTreeMap::new();
+
+        for (name, spec) in &desired.services {
+            let route = Arc::new(build_service(spec, stats, generation));
+            for port in &spec.ports {
+                let pool = route
+                    .pools
+                    .iter()
+                    .position(|p| p.target == port.target)
+                    .expect("a pool exists for every port target");
+                let mut addrs = vec![SocketAddr::new(port.bind, port.published)];
+                if let Some(vip) = vips.get(name) {
+                    addrs.push(SocketAddr::new(*vip, port.published));
+                }
+                for addr in addrs {
+                    let key = ListenKey {
+                        kind: port.protocol.into(),
+                        addr,
+                    };
+                    if let Some(other) = listeners.get(&key).map(|l: &ListenerSpec| &l.owner) {
+                        problems.push(Problem {
+                            provider: "table".into(),
+                            object: name.clone(),
+                            message: format!("{key} is already published by service {other}; ignored"),
+                        });
+                        continue;
+                    }
+                    listeners.insert(
+                        key,
+                        ListenerSpec {
+                            key,
+                            owner: name.clone(),
+                            drain: spec.timeouts.drain,
+                        },
+                    );
+                    l4.insert(
+                        key,
+                        L4Route {
+                            service: Arc::clone(&route),
+                            pool,
+                        },
+                    );
+                }
+            }
+            services.insert(Arc::clone(&route.name), route);
+        }
+
+        let dns = DnsRecords::build(desired, &vips, &opts.dns);
+        RoutingTable {
+            generation,
+            services,
+            l4,
+            listeners,
+            vips,
+            dns,
+            problems,
+            desired: Arc::new(desired.clone()),
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<ServiceRoute>> {
+        self.services.get(name)
+    }
+}
+
+fn build_service(spec: &ServiceSpec, stats: &StatsRegistry, generation: u64) -> ServiceRoute {
+    let name: Arc<str> = Arc::from(spec.name.as_str());
+    let mut targets: Vec<u16> = spec.ports.iter().map(|p| p.target).collect();
+    targets.extend(spec.http_port);
+    targets.sort_unstable();
+    targets.dedup();
+    let pools = targets
+        .into_iter()
+        .map(|target| build_pool(&name, spec, target, stats, generation))
+        .collect();
+    ServiceRoute {
+        name,
+        spec: spec.clone(),
+        pools,
+    }
+}
+
+fn build_pool(
+    name: &Arc<str>,
+    spec: &ServiceSpec,
+    target: u16,
+    stats: &StatsRegistry,
+    generation: u64,
+) -> Pool {
+    let endpoints: Box<[Endpoint]> = spec
+        .endpoints
+        .iter()
+        .filter(|e| !e.draining && e.weight > 0)
+        .map(|e| {
+            let addr = SocketAddr::new(e.ip, e.port_for(target));
+            Endpoint {
+                addr,
+                weight: e.weight,
+                id: Arc::from(e.id.as_str()),
+                stats: stats.get(name, addr, generation),
+            }
+        })
+        .collect();
+    let balancer = Balancer::new(spec.policy, &endpoints);
+    debug_assert_eq!(balancer.policy(), spec.policy);
+    Pool {
+        target,
+        endpoints,
+        balancer,
+    }
+}
+
+/// Used by `check` and the admin API: one line per listener.
+pub fn describe(table: &RoutingTable) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (key, spec) in &table.listeners {
+        let route = table.l4.get(key);
+        let (policy, eps) = match route {
+            Some(r) => (
+                r.service.spec.policy,
+                r.pool()
+                    .endpoints
+                    .iter()
+                    .map(|e| e.addr.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            None => (Policy::RoundRobin, String::new()),
+        };
+        lines.push(format!(
+            "{key} -> service {} ({policy:?}) -> [{eps}]",
+            spec.owner
+        ));
+    }
+    lines
+}
