@@ -256,3 +256,69 @@ pub struct RouterSpec {
     /// Higher wins; 0 means "derive from the rule's specificity".
     pub priority: i64,
 }
+
+/// Parse a Go/Traefik-style duration: `250ms`, `2s`, `1m30s`, `1h`, `0` (zero), `1.5s`.
+///
+/// Used by the config file and by Docker labels, so both accept exactly the same syntax.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let s = text.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("duration {text:?} lacks a unit (ms, s, m, h)"))?;
+        let (num, tail) = rest.split_at(num_len);
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("bad number {num:?} in duration {text:?}"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("unknown unit {unit:?} in duration {text:?}")),
+        };
+        total += value * scale;
+        rest = next;
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn endpoint_port_resolution() {
+        let mut e = EndpointSpec::from_addr("10.0.0.1:80".parse().unwrap());
+        assert_eq!(e.port_for(8080), 80);
+        e.port = None;
+        assert_eq!(e.port_for(8080), 8080);
+        e.port_map.insert(8080, 30001);
+        assert_eq!(e.port_for(8080), 30001);
+    }
+}
