@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod dns;
 pub mod echo;
+pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod model;

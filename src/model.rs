@@ -227,14 +227,19 @@ pub struct HealthCheckSpec {
     pub http_path: Option<String>,
 }
 
-/// An HTTP/HTTPS entrypoint (L7 listener).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// An HTTP/HTTPS entrypoint (L7 listener). Deserialized directly from the `entrypoints:` map of
+/// the config file (the map key is the name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EntrypointSpec {
+    /// Filled from the map key.
+    #[serde(skip)]
     pub name: String,
+    /// Address to listen on, e.g. `0.0.0.0:80`.
     pub bind: SocketAddr,
+    /// `http` or `https`.
+    #[serde(default)]
     pub kind: EntrypointKind,
-    /// Extra settings interpreted by the HTTP layer (TLS, redirect, limits); opaque here.
-    pub options: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -246,14 +251,21 @@ pub enum EntrypointKind {
 }
 
 /// An HTTP router: a rule on one or more entrypoints that sends requests to a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Deserialized directly from the `routers:` map of the config file (the map key is the name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RouterSpec {
+    /// Filled from the map key.
+    #[serde(skip)]
     pub name: String,
+    /// Entrypoint names this router listens on.
     pub entrypoints: Vec<String>,
     /// Traefik-style rule text, e.g. ``Host(`a.example`) && PathPrefix(`/api`)``.
     pub rule: String,
+    /// Target service name.
     pub service: String,
     /// Higher wins; 0 means "derive from the rule's specificity".
+    #[serde(default)]
     pub priority: i64,
 }
 

@@ -116,6 +116,8 @@ pub struct RoutingTable {
     /// Stable service VIPs.
     pub vips: BTreeMap<String, IpAddr>,
     pub dns: DnsRecords,
+    /// Compiled HTTP routers per entrypoint.
+    pub http: crate::http::HttpTable,
     /// Provider problems and build conflicts, for logs and the admin API.
     pub problems: Vec<Problem>,
     /// The desired state this table was built from.
@@ -191,8 +193,32 @@ impl RoutingTable {
             services.insert(Arc::clone(&route.name), route);
         }
 
+        for (name, ep) in &desired.entrypoints {
+            let key = ListenKey {
+                kind: ListenKind::Http,
+                addr: ep.bind,
+            };
+            if let Some(other) = listeners.get(&key).map(|l: &ListenerSpec| &l.owner) {
+                problems.push(Problem {
+                    provider: "table".into(),
+                    object: name.clone(),
+                    message: format!("entrypoint address {} is already used by {other}; ignored", ep.bind),
+                });
+                continue;
+            }
+            listeners.insert(
+                key,
+                ListenerSpec {
+                    key,
+                    owner: name.clone(),
+                    drain: crate::model::Timeouts::default().drain,
+                },
+            );
+        }
+        let http = crate::http::HttpTable::build(desired, &services, &mut problems);
         let dns = DnsRecords::build(desired, &vips, &opts.dns);
         RoutingTable {
+            http,
             generation,
             services,
             l4,
