@@ -1,1 +1,325 @@
-//! TODO(in progress)
+//! Listeners opened and closed at runtime, as the table asks.
+//!
+//! [`ListenerSet::reconcile`] diffs the listeners a new table wants against the open ones: new
+//! ones are bound (a bind failure is reported for that port only and retried on the next
+//! reconcile), removed ones stop accepting at once while their established connections finish,
+//! up to the listener's drain timeout, after which they are cut. Each accept loop reads the
+//! current table per connection, so route changes need no listener restart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::table::{ListenKey, ListenKind, ListenerSpec, RoutingTable};
+
+/// Accept backlog: large enough for connection bursts at the edge.
+const BACKLOG: i32 = 4096;
+
+/// accept(2) error backoff: starts small (EMFILE clears when connections close), caps at 1 s.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Shared by every listener: where routes come from and what counts.
+#[derive(Clone)]
+pub struct ListenerContext {
+    pub table: Arc<ArcSwap<RoutingTable>>,
+    pub metrics: Arc<Metrics>,
+    pub http: Arc<crate::http::HttpContext>,
+    /// Set SO_REUSEPORT (lets a new meshgate bind beside an old one during an upgrade).
+    pub reuse_port: bool,
+}
+
+struct OpenListener {
+    spec: ListenerSpec,
+    /// Stops the accept loop.
+    stop_accept: CancellationToken,
+    /// Cuts the listener's established connections (drain deadline or shutdown).
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// The open listeners. Owned by the control task; never touched by the data path.
+pub struct ListenerSet {
+    ctx: ListenerContext,
+    open: BTreeMap<ListenKey, OpenListener>,
+    /// Last bind error per listener that could not be opened.
+    failed: BTreeMap<ListenKey, String>,
+    /// Listeners removed from the table and still draining.
+    draining: TaskTracker,
+}
+
+impl ListenerSet {
+    pub fn new(ctx: ListenerContext) -> Self {
+        ListenerSet {
+            ctx,
+            open: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            draining: TaskTracker::new(),
+        }
+    }
+
+    /// Listeners that could not be bound, with the error.
+    pub fn failed(&self) -> &BTreeMap<ListenKey, String> {
+        &self.failed
+    }
+
+    /// Addresses actually bound (differs from the key for port 0).
+    pub fn open_keys(&self) -> Vec<ListenKey> {
+        self.open.keys().copied().collect()
+    }
+
+    /// Open what `wanted` has and we do not; drain what we have and it does not.
+    pub async fn reconcile(&mut self, wanted: &BTreeMap<ListenKey, ListenerSpec>) {
+        let removed: Vec<ListenKey> = self
+            .open
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in removed {
+            if let Some(l) = self.open.remove(&key) {
+                self.drain(l);
+            }
+        }
+        self.failed.retain(|k, _| wanted.contains_key(k));
+        for (key, spec) in wanted {
+            if let Some(open) = self.open.get_mut(key) {
+                open.spec = spec.clone();
+                continue;
+            }
+            match self.bind(spec).await {
+                Ok(l) => {
+                    tracing::info!(listener = %key, owner = %spec.owner, "listener opened");
+                    self.failed.remove(key);
+                    self.open.insert(*key, l);
+                }
+                Err(e) => {
+                    let first = !self.failed.contains_key(key);
+                    if first {
+                        tracing::error!(listener = %key, owner = %spec.owner, error = %e,
+                            "cannot open listener; other listeners are unaffected, retrying on the next reconcile");
+                        Metrics::inc(&self.ctx.metrics.bind_errors, "listener", &key.to_string());
+                    }
+                    self.failed.insert(*key, e.to_string());
+                }
+            }
+        }
+        self.ctx.metrics.listeners_open.set(self.open.len() as i64);
+    }
+
+    fn drain(&self, l: OpenListener) {
+        l.stop_accept.cancel();
+        l.tracker.close();
+        let (key, deadline) = (l.spec.key, l.spec.drain);
+        tracing::info!(listener = %key, drain = ?deadline, in_flight = l.tracker.len(), "listener closed, draining");
+        self.draining.spawn(async move {
+            if tokio::time::timeout(deadline, l.tracker.wait()).await.is_err() {
+                tracing::warn!(listener = %key, remaining = l.tracker.len(), "drain deadline passed, cutting connections");
+                l.hard_stop.cancel();
+                l.tracker.wait().await;
+            }
+            tracing::info!(listener = %key, "listener drained");
+        });
+    }
+
+    /// Stop accepting everywhere and wait up to `deadline` for connections to finish.
+    pub async fn shutdown(&mut self, deadline: Duration) {
+        let all: Vec<OpenListener> = std::mem::take(&mut self.open).into_values().collect();
+        for l in &all {
+            l.stop_accept.cancel();
+            l.tracker.close();
+        }
+        self.draining.close();
+        let wait_all = async {
+            for l in &all {
+                l.tracker.wait().await;
+            }
+            self.draining.wait().await;
+        };
+        if tokio::time::timeout(deadline, wait_all).await.is_err() {
+            tracing::warn!("shutdown deadline passed, cutting remaining connections");
+            for l in &all {
+                l.hard_stop.cancel();
+            }
+        }
+    }
+
+    async fn bind(&self, spec: &ListenerSpec) -> std::io::Result<OpenListener> {
+        let stop_accept = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let key = spec.key;
+        match key.kind {
+            ListenKind::Tcp | ListenKind::Http => {
+                let listener = bind_tcp(key.addr, self.ctx.reuse_port)?;
+                tokio::spawn(accept_loop(
+                    key,
+                    spec.owner.clone(),
+                    listener,
+                    self.ctx.clone(),
+                    stop_accept.clone(),
+                    hard_stop.clone(),
+                    tracker.clone(),
+                ));
+            }
+            ListenKind::Udp => {
+                let socket = Arc::new(bind_udp(key.addr, self.ctx.reuse_port)?);
+                let (table, metrics, stop) = (
+                    Arc::clone(&self.ctx.table),
+                    Arc::clone(&self.ctx.metrics),
+                    hard_stop.clone(),
+                );
+                // UDP has no connections to drain: flows end when the listener stops.
+                let accept_stop = stop_accept.clone();
+                tracker.spawn(async move {
+                    tokio::select! {
+                        _ = crate::proxy::udp::serve(key, socket, table, metrics, stop) => {}
+                        _ = accept_stop.cancelled() => {}
+                    }
+                });
+            }
+        }
+        Ok(OpenListener {
+            spec: spec.clone(),
+            stop_accept,
+            hard_stop,
+            tracker,
+        })
+    }
+}
+
+fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(true);
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn bind_udp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+async fn accept_loop(
+    key: ListenKey,
+    owner: String,
+    listener: TcpListener,
+    ctx: ListenerContext,
+    stop_accept: CancellationToken,
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let owner: Arc<str> = Arc::from(owner);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop_accept.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                x
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS are temporary: back off and keep accepting.
+                ctx.metrics.accept_errors.inc();
+                tracing::warn!(listener = %key, error = %e, backoff = ?backoff, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop_accept.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        ctx.metrics.accepted.inc();
+        spawn_connection(
+            &key,
+            &owner,
+            stream,
+            peer,
+            &ctx,
+            (&stop_accept, &hard_stop),
+            &tracker,
+        );
+    }
+}
+
+fn spawn_connection(
+    key: &ListenKey,
+    owner: &Arc<str>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: &ListenerContext,
+    (graceful, hard_stop): (&CancellationToken, &CancellationToken),
+    tracker: &TaskTracker,
+) {
+    match key.kind {
+        ListenKind::Tcp => {
+            // Look the route up in the current table; the guard is dropped before any await.
+            let route = ctx.table.load().l4.get(key).cloned();
+            let Some(route) = route else {
+                tracing::debug!(listener = %key, "no route (table changing); closing");
+                return;
+            };
+            tracker.spawn(crate::proxy::tcp::proxy_connection(
+                route,
+                stream,
+                peer,
+                Arc::clone(&ctx.metrics),
+                hard_stop.clone(),
+            ));
+        }
+        ListenKind::Http => {
+            // HTTP gets two signals: `graceful` (listener removed or shutdown: finish in-flight
+            // requests, stop keep-alive) and `hard_stop` (drain deadline: drop the connection).
+            let serve = crate::http::serve_connection(
+                Arc::clone(&ctx.http),
+                Arc::clone(&ctx.table),
+                Arc::clone(owner),
+                stream,
+                peer,
+                graceful.clone(),
+            );
+            let hard_stop = hard_stop.clone();
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = serve => {}
+                    _ = hard_stop.cancelled() => {}
+                }
+            });
+        }
+        ListenKind::Udp => unreachable!("UDP listeners have no accept loop"),
+    }
+}
