@@ -69,7 +69,11 @@ fn handle<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
         "/metrics" => {
             let mut text = String::new();
             if prometheus_client::encoding::text::encode(&mut text, &state.registry).is_err() {
-                return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encode error");
+                return reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "encode error",
+                );
             }
             reply(
                 StatusCode::OK,
@@ -86,7 +90,11 @@ fn handle<B>(state: &AdminState, req: Request<B>) -> Response<Full<Bytes>> {
             if state.table.load().generation > 0 {
                 reply(StatusCode::OK, "text/plain", "ok\n")
             } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no table yet\n")
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "no table yet\n",
+                )
             }
         }
         "/" => reply(

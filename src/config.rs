@@ -309,7 +309,11 @@ pub fn short_port(text: &str) -> Result<PortSpec, String> {
             num(p)?,
             num(t)?,
         ),
-        _ => return Err(format!("port {text:?} is not [ip:]published[:target][/proto]")),
+        _ => {
+            return Err(format!(
+                "port {text:?} is not [ip:]published[:target][/proto]"
+            ))
+        }
     };
     Ok(PortSpec {
         published,
@@ -495,7 +499,10 @@ mod tests {
     #[test]
     fn short_ports() {
         let p = short_port("8080:80/udp").unwrap();
-        assert_eq!((p.published, p.target, p.protocol), (8080, 80, Protocol::Udp));
+        assert_eq!(
+            (p.published, p.target, p.protocol),
+            (8080, 80, Protocol::Udp)
+        );
         let p = short_port("127.0.0.1:9000:90").unwrap();
         assert_eq!(p.bind, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert!(short_port("80/sctp").is_err());

@@ -129,8 +129,11 @@ impl Control {
         self.generation += 1;
         let started = std::time::Instant::now();
         let table = RoutingTable::build(&desired, &self.options, &self.stats, self.generation);
-        let (services, listeners, problems) =
-            (table.services.len(), table.listeners.len(), table.problems.clone());
+        let (services, listeners, problems) = (
+            table.services.len(),
+            table.listeners.len(),
+            table.problems.clone(),
+        );
         for p in &problems {
             tracing::warn!(provider = %p.provider, object = %p.object, problem = %p.message, "configuration problem");
         }

@@ -40,7 +40,7 @@ pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod provider;
-pub mod server;
 pub mod proxy;
+pub mod server;
 pub mod stats;
 pub mod table;

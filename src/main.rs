@@ -9,7 +9,11 @@ use meshgate::server::{self, ConfigSource};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "meshgate", version, about = "Edge load balancer and routing mesh for Docker Swarm")]
+#[command(
+    name = "meshgate",
+    version,
+    about = "Edge load balancer and routing mesh for Docker Swarm"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -104,7 +108,10 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         Some(p) => ConfigSource::File(p),
         None => ConfigSource::Embedded,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -128,7 +135,10 @@ fn run(path: Option<PathBuf>) -> ExitCode {
 /// SIGTERM or SIGINT: begin the graceful shutdown.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

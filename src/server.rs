@@ -114,9 +114,7 @@ pub async fn run(
         ));
     }
     drop(tx);
-    control
-        .run(rx, shutdown, config.shutdown_timeout)
-        .await;
+    control.run(rx, shutdown, config.shutdown_timeout).await;
     background.cancel();
     tracing::info!("meshgate stopped");
     Ok(())
@@ -127,20 +125,29 @@ async fn start_demo(config: &Config, stop: &CancellationToken) -> Result<(), Sta
     for b in &demo.http {
         let l = TcpListener::bind(b.bind)
             .await
-            .map_err(|source| StartError::BindDemo { addr: b.bind, source })?;
+            .map_err(|source| StartError::BindDemo {
+                addr: b.bind,
+                source,
+            })?;
         tracing::info!(name = %b.name, addr = %b.bind, "demo HTTP backend");
         tokio::spawn(crate::echo::http(l, b.name.clone(), stop.clone()));
     }
     for b in &demo.tcp {
         let l = TcpListener::bind(b.bind)
             .await
-            .map_err(|source| StartError::BindDemo { addr: b.bind, source })?;
+            .map_err(|source| StartError::BindDemo {
+                addr: b.bind,
+                source,
+            })?;
         tokio::spawn(crate::echo::tcp_echo(l, stop.clone()));
     }
     for b in &demo.udp {
         let s = UdpSocket::bind(b.bind)
             .await
-            .map_err(|source| StartError::BindDemo { addr: b.bind, source })?;
+            .map_err(|source| StartError::BindDemo {
+                addr: b.bind,
+                source,
+            })?;
         tokio::spawn(crate::echo::udp_echo(s, stop.clone()));
     }
     Ok(())

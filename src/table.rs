@@ -169,7 +169,9 @@ impl RoutingTable {
                         problems.push(Problem {
                             provider: "table".into(),
                             object: name.clone(),
-                            message: format!("{key} is already published by service {other}; ignored"),
+                            message: format!(
+                                "{key} is already published by service {other}; ignored"
+                            ),
                         });
                         continue;
                     }
@@ -202,7 +204,10 @@ impl RoutingTable {
                 problems.push(Problem {
                     provider: "table".into(),
                     object: name.clone(),
-                    message: format!("entrypoint address {} is already used by {other}; ignored", ep.bind),
+                    message: format!(
+                        "entrypoint address {} is already used by {other}; ignored",
+                        ep.bind
+                    ),
                 });
                 continue;
             }

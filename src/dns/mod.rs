@@ -21,7 +21,11 @@ pub struct DnsRecords {}
 
 impl DnsRecords {
     /// Build records for `desired`; `vips` maps service name → VIP.
-    pub fn build(_desired: &DesiredState, _vips: &BTreeMap<String, IpAddr>, _cfg: &DnsConfig) -> Self {
+    pub fn build(
+        _desired: &DesiredState,
+        _vips: &BTreeMap<String, IpAddr>,
+        _cfg: &DnsConfig,
+    ) -> Self {
         DnsRecords {}
     }
 }

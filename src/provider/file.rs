@@ -33,13 +33,19 @@ pub fn load(path: &Path) -> ProviderEvent {
 pub async fn watch(path: PathBuf, tx: UpdateSender, shutdown: CancellationToken) {
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
     let file_name = path.file_name().map(|n| n.to_owned());
-    let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            if ev.paths.iter().any(|p| p.file_name() == file_name.as_deref()) {
-                let _ = ev_tx.send(());
+    let mut watcher = match notify::recommended_watcher(
+        move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                if ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == file_name.as_deref())
+                {
+                    let _ = ev_tx.send(());
+                }
             }
-        }
-    }) {
+        },
+    ) {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "cannot create file watcher; config changes need a restart");
@@ -70,7 +76,14 @@ pub async fn watch(path: PathBuf, tx: UpdateSender, shutdown: CancellationToken)
         } else {
             tracing::info!(file = %path.display(), "config file changed, applying");
         }
-        if tx.send(ProviderUpdate { provider: NAME, event }).await.is_err() {
+        if tx
+            .send(ProviderUpdate {
+                provider: NAME,
+                event,
+            })
+            .await
+            .is_err()
+        {
             return;
         }
     }

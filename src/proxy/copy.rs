@@ -198,7 +198,13 @@ mod tests {
         assert_eq!(reply, b"reply");
         let (outcome, t) = proxy.await.unwrap();
         assert_eq!(outcome, Outcome::Closed);
-        assert_eq!(t, Transferred { up: 300_000, down: 5 });
+        assert_eq!(
+            t,
+            Transferred {
+                up: 300_000,
+                down: 5
+            }
+        );
     }
 
     #[tokio::test]

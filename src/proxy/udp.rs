@@ -44,7 +44,7 @@ pub async fn serve(
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut sweep = tokio::time::interval(Duration::from_millis(500));
-    let mut last_full_log = 0u64;
+    let mut last_full_log: Option<u64> = None;
     loop {
         let (n, client) = tokio::select! {
             r = socket.recv_from(&mut buf) => match r {
@@ -77,14 +77,18 @@ pub async fn serve(
         let (route, max_flows, idle) = {
             let t = table.load();
             match t.l4.get(&key) {
-                Some(r) => (r.clone(), r.service.spec.udp.max_flows, r.service.spec.udp.idle),
+                Some(r) => (
+                    r.clone(),
+                    r.service.spec.udp.max_flows,
+                    r.service.spec.udp.idle,
+                ),
                 None => continue,
             }
         };
         if flows.len() >= max_flows {
             metrics.udp_flows_dropped.inc();
-            if now.saturating_sub(last_full_log) >= 1000 {
-                last_full_log = now;
+            if last_full_log.is_none_or(|t| now.saturating_sub(t) >= 1000) {
+                last_full_log = Some(now);
                 tracing::warn!(listener = %key, max_flows, client = %client,
                     "UDP flow table full: datagrams from new clients are dropped");
             }

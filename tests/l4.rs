@@ -1,0 +1,490 @@
+//! Black-box tests of the L4 mesh: the real binary, real sockets on 127.0.0.1.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+fn service(name: &str, port: u16, policy: &str, endpoints: &[String]) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "  {name}:\n    ports: [\"{port}\"]\n    policy: {policy}\n    endpoints: [{}]\n",
+        eps.join(", ")
+    )
+}
+
+async fn count_names(port: u16, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let name = ask_name(addr(port))
+            .await
+            .expect("request through meshgate");
+        *counts.entry(name).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn round_robin_respects_weights() {
+    let (a, b) = (Backend::http("a").await, Backend::http("b").await);
+    let port = free_port();
+    let body = format!(
+        "services:\n  web:\n    ports: [\"{port}\"]\n    endpoints:\n      - {{ address: \"{}\", weight: 1 }}\n      - {{ address: \"{}\", weight: 3 }}\n",
+        a.addr, b.addr
+    );
+    let _mg = Meshgate::start(&body).await;
+    let counts = count_names(port, 80).await;
+    assert_eq!(counts.get("a"), Some(&20), "{counts:?}");
+    assert_eq!(counts.get("b"), Some(&60), "{counts:?}");
+}
+
+#[tokio::test]
+async fn least_conn_avoids_busy_endpoint() {
+    let (a, b) = (Backend::tcp_echo().await, Backend::tcp_echo().await);
+    let port = free_port();
+    let body = format!(
+        "services:\n{}",
+        service(
+            "lc",
+            port,
+            "least_conn",
+            &[a.addr.to_string(), b.addr.to_string()]
+        )
+    );
+    let _mg = Meshgate::start(&body).await;
+    // Hold 4 echo connections open: least_conn must put 2 on each endpoint.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(addr(port)).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mg_table = _mg.get("/api/table").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&mg_table).unwrap();
+    let eps = &v["services"][0]["pools"][0]["endpoints"];
+    let inflight: Vec<u64> = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["in_flight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(inflight.iter().sum::<u64>(), 4, "{inflight:?}");
+    assert_eq!(
+        inflight,
+        vec![2, 2],
+        "least_conn balances in-flight connections"
+    );
+}
+
+#[tokio::test]
+async fn p2c_spreads_and_consistent_hash_sticks() {
+    let backends = [
+        Backend::http("a").await,
+        Backend::http("b").await,
+        Backend::http("c").await,
+    ];
+    let eps: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    let (p1, p2) = (free_port(), free_port());
+    let body = format!(
+        "services:\n{}{}",
+        service("p2c", p1, "p2c", &eps),
+        service("hash", p2, "consistent_hash", &eps)
+    );
+    let mg = Meshgate::start(&body).await;
+
+    let counts = count_names(p1, 90).await;
+    assert_eq!(counts.len(), 3, "p2c uses every endpoint: {counts:?}");
+    assert!(counts.values().all(|&c| c >= 10), "p2c spreads: {counts:?}");
+
+    // Same client IP → same endpoint; different client IPs → different endpoints over time.
+    let mut by_client: HashMap<IpAddr, String> = HashMap::new();
+    for round in 0..3 {
+        for i in 2..40u8 {
+            let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, i));
+            let name = ask_name_from(addr(p2), Some(ip)).await.unwrap();
+            if round == 0 {
+                by_client.insert(ip, name);
+            } else {
+                assert_eq!(by_client[&ip], name, "client {ip} moved");
+            }
+        }
+    }
+    let distinct: std::collections::HashSet<_> = by_client.values().collect();
+    assert_eq!(distinct.len(), 3, "38 clients hash onto all 3 endpoints");
+    drop(mg);
+}
+
+#[tokio::test]
+async fn reload_adds_and_removes_port_and_rejects_invalid() {
+    let a = Backend::http("a").await;
+    let (p1, p2) = (free_port(), free_port());
+    let one = format!(
+        "services:\n{}",
+        service("one", p1, "round_robin", &[a.addr.to_string()])
+    );
+    let mg = Meshgate::start(&one).await;
+    assert_eq!(ask_name(addr(p1)).await.unwrap(), "a");
+    assert!(TcpStream::connect(addr(p2)).await.is_err());
+
+    // Add a port: served within 1 s, no restart.
+    let gen = mg.generation().await;
+    let two = format!(
+        "{one}{}",
+        service("two", p2, "round_robin", &[a.addr.to_string()])
+    );
+    let started = Instant::now();
+    mg.rewrite(&two);
+    assert_eq!(
+        ask_name_eventually(addr(p2), Duration::from_secs(1)).await,
+        "a"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let gen = mg.wait_generation_above(gen, Duration::from_secs(1)).await;
+
+    // An invalid change is rejected: old table keeps serving, error counted and shown.
+    let errors_before = mg.metric("meshgate_provider_errors_total").await;
+    mg.rewrite(&format!("{two}    policy: fastest\n"));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while mg.metric("meshgate_provider_errors_total").await <= errors_before {
+        assert!(Instant::now() < deadline, "error counter did not move");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = mg.get("/api/status").await.unwrap();
+    assert!(
+        status.contains("fastest"),
+        "admin API shows the error: {status}"
+    );
+    assert_eq!(mg.generation().await, gen, "no new table from a bad file");
+    assert_eq!(ask_name(addr(p1)).await.unwrap(), "a");
+    assert_eq!(ask_name(addr(p2)).await.unwrap(), "a");
+    assert!(mg.log_text().contains("config reload rejected"));
+
+    // Remove a port: no longer accepting.
+    mg.rewrite(&one);
+    mg.wait_generation_above(gen, Duration::from_secs(1)).await;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while TcpStream::connect(addr(p2)).await.is_ok() {
+        assert!(Instant::now() < deadline, "port {p2} still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ask_name(addr(p1)).await.unwrap(), "a");
+}
+
+#[tokio::test]
+async fn removed_port_drains_established_connections() {
+    let echo = Backend::tcp_echo().await;
+    let (p1, keep) = (free_port(), free_port());
+    let other = Backend::http("k").await;
+    let base = service("keep", keep, "round_robin", &[other.addr.to_string()]);
+    let body = format!(
+        "services:\n{base}  echo:\n    ports: [\"{p1}\"]\n    endpoints: [\"{}\"]\n    timeouts: {{ drain: 1500ms }}\n",
+        echo.addr
+    );
+    let mg = Meshgate::start(&body).await;
+    let mut conn = TcpStream::connect(addr(p1)).await.unwrap();
+    conn.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).await.unwrap();
+
+    let gen = mg.generation().await;
+    mg.rewrite(&format!("services:\n{base}"));
+    mg.wait_generation_above(gen, Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(addr(p1)).await.is_err(),
+        "new connections refused"
+    );
+    // The established connection still works during the drain…
+    conn.write_all(b"pong").await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    // …and is cut at the drain deadline.
+    let mut rest = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(3), conn.read_to_end(&mut rest)).await;
+    assert!(cut.is_ok(), "connection cut after the drain timeout");
+    assert!(mg.log_text().contains("drain deadline passed"));
+}
+
+#[tokio::test]
+async fn killed_endpoint_is_skipped_and_client_still_succeeds() {
+    let a = Backend::http("alive").await;
+    let dead = free_port(); // nothing listens here
+    let port = free_port();
+    let body = format!(
+        "services:\n{}",
+        service(
+            "web",
+            port,
+            "round_robin",
+            &[addr(dead).to_string(), a.addr.to_string()]
+        )
+    );
+    let mg = Meshgate::start(&body).await;
+    // Every request succeeds: the failed connect is retried on the other endpoint.
+    for _ in 0..10 {
+        assert_eq!(ask_name(addr(port)).await.unwrap(), "alive");
+    }
+    // Exactly one failed connect: after it, the dead endpoint is ejected.
+    assert_eq!(
+        mg.metric("meshgate_upstream_connect_failures_total").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_exits_zero() {
+    let echo = Backend::tcp_echo().await;
+    let port = free_port();
+    let body = format!(
+        "services:\n{}",
+        service("e", port, "round_robin", &[echo.addr.to_string()])
+    );
+    let mut mg = Meshgate::start(&body).await;
+    let mut conn = TcpStream::connect(addr(port)).await.unwrap();
+    conn.write_all(b"1234").await.unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).await.unwrap();
+
+    mg.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        TcpStream::connect(addr(port)).await.is_err(),
+        "stopped accepting"
+    );
+    assert!(mg.child.try_wait().unwrap().is_none(), "still draining");
+    conn.write_all(b"5678").await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"5678", "in-flight connection still served");
+    drop(conn);
+    let code = tokio::task::spawn_blocking(move || {
+        let c = mg.wait_exit(Duration::from_secs(5));
+        (c, mg)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(0), "exit 0 after drain");
+}
+
+#[tokio::test]
+async fn udp_round_trip_and_flow_bound() {
+    let echo = Backend::udp_echo().await;
+    let port = free_udp_port();
+    let body = format!(
+        "services:\n  dns:\n    ports: [\"{port}/udp\"]\n    endpoints: [\"{}\"]\n    udp: {{ max_flows: 2, idle: 500ms }}\n",
+        echo.addr
+    );
+    let mg = Meshgate::start(&body).await;
+    let mut clients = Vec::new();
+    for i in 0..3u8 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(addr(port)).await.unwrap();
+        clients.push((i, c));
+    }
+    let mut buf = [0u8; 64];
+    for (i, c) in &clients[..2] {
+        for round in 0..3u8 {
+            c.send(&[*i, round]).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(2), c.recv(&mut buf))
+                .await
+                .expect("reply")
+                .unwrap();
+            assert_eq!(&buf[..n], &[*i, round], "reply goes to the right client");
+        }
+    }
+    // The third flow exceeds max_flows: dropped, counted, logged.
+    let (_, third) = &clients[2];
+    third.send(b"x").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), third.recv(&mut buf))
+            .await
+            .is_err()
+    );
+    assert_eq!(mg.metric("meshgate_udp_flows_dropped_total").await, 1.0);
+    assert!(mg.log_text().contains("UDP flow table full"));
+    // After the idle timeout the flows are gone and the third client gets through.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    third.send(b"y").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(2), third.recv(&mut buf))
+        .await
+        .expect("reply after idle expiry")
+        .unwrap();
+    assert_eq!(&buf[..n], b"y");
+}
+
+#[tokio::test]
+async fn half_close_both_directions() {
+    let echo = Backend::tcp_echo().await;
+    let port = free_port();
+    let body = format!(
+        "services:\n{}",
+        service("e", port, "round_robin", &[echo.addr.to_string()])
+    );
+    let _mg = Meshgate::start(&body).await;
+    // Client half-closes first: it still reads the whole echo, then EOF from the server side.
+    let mut conn = TcpStream::connect(addr(port)).await.unwrap();
+    let payload = vec![42u8; 1 << 20];
+    conn.write_all(&payload).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), payload.len());
+
+    // Server half-closes first: a raw backend that writes and shuts down, then reads.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let port2 = free_port();
+    let _mg2 = Meshgate::start(&format!(
+        "services:\n{}",
+        service("s", port2, "round_robin", &[backend.to_string()])
+    ))
+    .await;
+    let mut conn = TcpStream::connect(addr(port2)).await.unwrap();
+    let mut buf = [0u8; 5];
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(
+        conn.read(&mut [0u8; 1]).await.unwrap(),
+        0,
+        "EOF from server"
+    );
+    conn.write_all(b"after server FIN").await.unwrap();
+    conn.shutdown().await.unwrap();
+    assert_eq!(server.await.unwrap(), b"after server FIN");
+}
+
+#[tokio::test]
+async fn thousand_concurrent_connections() {
+    let echo = Backend::tcp_echo().await;
+    let port = free_port();
+    let body = format!(
+        "services:\n{}",
+        service("e", port, "least_conn", &[echo.addr.to_string()])
+    );
+    let mg = Meshgate::start(&body).await;
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        conns.push(TcpStream::connect(addr(port)).await.unwrap());
+    }
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                let msg = format!("conn-{i}");
+                c.write_all(msg.as_bytes()).await.unwrap();
+                let mut buf = vec![0u8; msg.len()];
+                c.read_exact(&mut buf).await.unwrap();
+                assert_eq!(buf, msg.as_bytes());
+                c
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let table: serde_json::Value =
+        serde_json::from_str(&mg.get("/api/table").await.unwrap()).unwrap();
+    assert_eq!(
+        table["services"][0]["pools"][0]["endpoints"][0]["in_flight"],
+        1000
+    );
+    drop(held);
+}
+
+#[tokio::test]
+async fn bind_failure_is_per_port() {
+    let a = Backend::http("a").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let ok_port = free_port();
+    let body = format!(
+        "services:\n  bad:\n    ports: [\"127.0.0.1:{taken_port}:80\"]\n    endpoints: [\"{}\"]\n{}",
+        a.addr,
+        service("good", ok_port, "round_robin", &[a.addr.to_string()])
+    );
+    let mg = Meshgate::start(&body).await;
+    assert_eq!(ask_name(addr(ok_port)).await.unwrap(), "a");
+    let status = mg.get("/api/status").await.unwrap();
+    assert!(
+        status.contains(&format!("127.0.0.1:{taken_port}")),
+        "{status}"
+    );
+    assert!(status.contains("in use"), "{status}");
+    assert!(mg.metric("meshgate_listener_bind_errors_total").await >= 1.0);
+    // Once the port is free, the next retry opens it.
+    drop(taken);
+    assert_eq!(
+        ask_name_eventually(addr(taken_port), Duration::from_secs(7)).await,
+        "a"
+    );
+}
+
+#[tokio::test]
+async fn idle_timeout_and_proxy_protocol() {
+    // A raw backend that records what it receives first.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256];
+                let n = s.read(&mut buf).await.unwrap();
+                tx.send(buf[..n].to_vec()).await.unwrap();
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    let port = free_port();
+    let body = format!(
+        "services:\n  pp:\n    ports: [\"{port}\"]\n    endpoints: [\"{backend}\"]\n    proxy_protocol: v1\n    timeouts: {{ idle: 300ms }}\n"
+    );
+    let mg = Meshgate::start(&body).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+    let mut conn = sock.connect(addr(port)).await.unwrap();
+    let client = conn.local_addr().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let expected = format!(
+        "PROXY TCP4 127.0.0.9 127.0.0.1 {} {port}\r\n",
+        client.port()
+    );
+    assert_eq!(String::from_utf8_lossy(&first), expected);
+    // Idle: closed after ~300 ms without traffic.
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), conn.read_to_end(&mut buf))
+        .await
+        .expect("closed by idle timeout")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(mg.metric("meshgate_idle_closed_total").await, 1.0);
+}
