@@ -60,6 +60,11 @@ pub struct Config {
     pub entrypoints: BTreeMap<String, EntrypointSpec>,
     /// HTTP routers by name.
     pub routers: BTreeMap<String, RouterSpec>,
+    /// HTTP-wide settings: certificates, upstream CA, access log.
+    pub http: crate::http::HttpConfig,
+    /// Set SO_REUSEPORT on listeners, so a new meshgate can bind beside an old one during an
+    /// upgrade. Off by default: with it on, a port held by another process is not reported.
+    pub reuse_port: bool,
     /// Dynamic providers.
     pub providers: ProvidersConfig,
     /// Embedded DNS server and service VIPs.
@@ -400,6 +405,13 @@ impl Config {
 
     /// Validate across keys and compile into the file provider's desired state.
     pub fn to_desired(&self) -> Result<DesiredState, ConfigError> {
+        self.dns
+            .validate()
+            .map_err(|message| ConfigError::Invalid {
+                line: 0,
+                key: "dns.zone".into(),
+                message,
+            })?;
         let mut desired = DesiredState::default();
         let mut published: BTreeMap<(Protocol, IpAddr, u16), &str> = BTreeMap::new();
         for (name, svc) in &self.services {

@@ -55,6 +55,22 @@ pub struct ServiceSpec {
     pub sticky_cookie: Option<String>,
     /// Active health check (None = passive only).
     pub health_check: Option<HealthCheckSpec>,
+    /// Protocol meshgate speaks to this service's endpoints on L7 (HTTP routers).
+    pub http_upstream: HttpUpstream,
+}
+
+/// Protocol used from meshgate to a service's endpoints for HTTP routers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpUpstream {
+    /// HTTP/1.1 over TCP (keep-alive pooled).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge over TCP (gRPC backends).
+    H2c,
+    /// TLS to the endpoint, ALPN `h2` then `http/1.1`; the certificate must be valid for the
+    /// endpoint IP and chain to the system roots or the configured upstream CA.
+    Https,
 }
 
 impl ServiceSpec {
@@ -72,6 +88,7 @@ impl ServiceSpec {
             proxy_protocol: ProxyProtocol::None,
             sticky_cookie: None,
             health_check: None,
+            http_upstream: HttpUpstream::Http1,
         }
     }
 }
@@ -237,17 +254,85 @@ pub struct EntrypointSpec {
     pub name: String,
     /// Address to listen on, e.g. `0.0.0.0:80`.
     pub bind: SocketAddr,
-    /// `http` or `https`.
+    /// `http`, `https` or `tls_passthrough`.
     #[serde(default)]
     pub kind: EntrypointKind,
+    /// `http` entrypoints only: answer every request with a 308 to `https://host[:port]/path`
+    /// instead of routing it.
+    #[serde(default)]
+    pub redirect_to_https: bool,
+    /// Port put in the redirect location (None = 443, left out of the URL).
+    #[serde(default)]
+    pub redirect_port: Option<u16>,
+    /// `https` entrypoints only: PEM file of the CA(s) client certificates must chain to (mTLS).
+    /// Unset = no client certificate asked.
+    #[serde(default)]
+    pub client_ca: Option<std::path::PathBuf>,
+    /// CIDRs (`10.0.0.0/8`, `::1/128`, or a bare IP) whose `X-Forwarded-*` / `Forwarded` headers
+    /// are kept and appended to; from any other peer they are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Time allowed for a request head (also the keep-alive idle limit between requests);
+    /// a partial head gets 408. Default 30s.
+    #[serde(default, with = "opt_duration")]
+    pub header_read_timeout: Option<Duration>,
+    /// Largest request head in bytes (HTTP/1 buffer, HTTP/2 header list); more gets 431.
+    /// Default 64 KiB.
+    #[serde(default)]
+    pub max_header_bytes: Option<usize>,
+    /// Most header fields in a request (HTTP/1); more gets 431. Default 100.
+    #[serde(default)]
+    pub max_headers: Option<usize>,
+}
+
+impl EntrypointSpec {
+    /// An entrypoint with defaults everywhere (used by providers and tests).
+    pub fn new(name: impl Into<String>, bind: SocketAddr, kind: EntrypointKind) -> Self {
+        EntrypointSpec {
+            name: name.into(),
+            bind,
+            kind,
+            redirect_to_https: false,
+            redirect_port: None,
+            client_ca: None,
+            trusted_proxies: Vec::new(),
+            header_read_timeout: None,
+            max_header_bytes: None,
+            max_headers: None,
+        }
+    }
+}
+
+/// Serde helper: an optional duration written as `250ms`, `2s`, `1m30s` (see [`parse_duration`]).
+pub mod opt_duration {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum EntrypointKind {
+    /// Plain HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
     #[default]
     Http,
+    /// TLS terminated by meshgate (certificate chosen by SNI), then HTTP/1.1 or h2 by ALPN.
     Https,
+    /// Raw TLS routed by the ClientHello's SNI (`HostSNI` rules) without terminating it.
+    TlsPassthrough,
 }
 
 /// An HTTP router: a rule on one or more entrypoints that sends requests to a service.
@@ -261,10 +346,12 @@ pub struct RouterSpec {
     /// Entrypoint names this router listens on.
     pub entrypoints: Vec<String>,
     /// Traefik-style rule text, e.g. ``Host(`a.example`) && PathPrefix(`/api`)``.
+    /// On `tls_passthrough` entrypoints only ``HostSNI(`name`)`` rules (joined by `||`).
     pub rule: String,
     /// Target service name.
     pub service: String,
-    /// Higher wins; 0 means "derive from the rule's specificity".
+    /// Higher wins; 0 means "derive from the rule": the rule text's length, as Traefik does
+    /// (longer rules are usually more specific). Ties go to the router name sorting first.
     #[serde(default)]
     pub priority: i64,
 }

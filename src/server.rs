@@ -30,6 +30,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("dns: {0}")]
+    Dns(#[from] crate::dns::DnsError),
     #[error("demo backend: cannot bind {addr}: {source}")]
     BindDemo {
         addr: SocketAddr,
@@ -71,12 +73,21 @@ pub async fn run(
         tokio::spawn(admin::serve(listener, state, background.clone()));
     }
     start_demo(&config, &background).await?;
+    if config.dns.enabled {
+        let dns = crate::dns::DnsServer::bind(config.dns.clone()).await?;
+        let (table, stop) = (Arc::clone(&table), background.clone());
+        tokio::spawn(async move {
+            if let Err(e) = dns.run(table, stop).await {
+                tracing::error!(error = %e, "dns server stopped");
+            }
+        });
+    }
 
     let listeners = ListenerSet::new(ListenerContext {
         table: Arc::clone(&table),
         metrics: Arc::clone(&metrics),
-        http: crate::http::HttpContext::new(),
-        reuse_port: false,
+        http: crate::http::HttpContext::with_config(config.http.clone()),
+        reuse_port: config.reuse_port,
     });
     let options = BuildOptions {
         dns: config.dns.clone(),

@@ -1,50 +1,200 @@
-//! L7 HTTP edge. PLACEHOLDER INTERFACE: the HTTP helper replaces the bodies.
+//! L7 HTTP edge: entrypoints (http, https, tls_passthrough), routers, and the reverse proxy.
+//!
+//! Flow of one downstream connection ([`serve_connection`]):
+//! 1. [`server`]: TLS handshake with the SNI certificate store ([`tls`]) on https entrypoints,
+//!    protocol choice (ALPN or the h2 preface), hyper HTTP/1.1 or HTTP/2 server with limits.
+//!    On `tls_passthrough` entrypoints [`passthrough`] routes the raw TLS bytes by SNI instead.
+//! 2. [`proxy`]: per request, route lookup in the current table's [`router::HttpTable`]
+//!    (rules from [`rule`]), endpoint pick, header hygiene ([`headers`]), forwarding through
+//!    the pooled clients ([`upstream`]) with retries; every failure is a [`error::ProxyError`].
+//! 3. [`body`]: the response body streamed back, then one [`accesslog`] line.
+//!
+//! Long-lived state (pools, certificates, access log) lives in [`HttpContext`] and survives
+//! table generations; everything derived from the desired state lives in the table.
 
-use std::collections::BTreeMap;
+pub mod accesslog;
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod passthrough;
+pub mod proxy;
+pub mod router;
+pub mod rule;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{DesiredState, Problem};
-use crate::table::{RoutingTable, ServiceRoute};
+pub use self::accesslog::{AccessLog, AccessLogConfig, LogFormat};
+pub use self::error::ProxyError;
+pub use self::router::HttpTable;
+pub use self::tls::{CertFiles, CertStore};
+use crate::model::EntrypointKind;
+use crate::table::RoutingTable;
+
+/// How often certificate files are checked for changes by default.
+pub const DEFAULT_CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Process-wide HTTP settings (the `http:` section of the config file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Certificates served on https entrypoints; each serves the DNS names in its SAN.
+    pub certificates: Vec<CertFiles>,
+    /// Certificate for clients without SNI or with an unknown name (else the first one).
+    pub default_certificate: Option<CertFiles>,
+    /// How often certificate files are checked for changes (default 5s).
+    #[serde(with = "crate::model::opt_duration")]
+    pub cert_reload_interval: Option<Duration>,
+    /// Extra PEM CA(s) trusted for `https` upstreams, on top of the system bundle.
+    pub upstream_ca: Option<PathBuf>,
+    /// Access log (off by default).
+    pub access_log: AccessLogConfig,
+}
 
 /// Long-lived HTTP state shared by all connections and all table generations
 /// (upstream connection pools, TLS certificate store, access log writer).
-#[derive(Debug, Default)]
-pub struct HttpContext {}
+#[derive(Debug)]
+pub struct HttpContext {
+    pub config: HttpConfig,
+    pub certs: Arc<CertStore>,
+    pub upstreams: upstream::Upstreams,
+    pub access_log: Option<Arc<AccessLog>>,
+}
 
 impl HttpContext {
+    /// A context with default settings (no certificates, no access log).
     pub fn new() -> Arc<Self> {
-        Arc::new(HttpContext {})
+        Self::with_config(HttpConfig::default())
+    }
+
+    /// A context from the `http:` config. Inside a tokio runtime it also starts the certificate
+    /// reload poll and the access log writer (both end when the context is dropped).
+    pub fn with_config(config: HttpConfig) -> Arc<Self> {
+        let mut files = config.certificates.clone();
+        let default = config.default_certificate.clone().map(|d| {
+            files.push(d);
+            files.len() - 1
+        });
+        let certs = Arc::new(CertStore::new(files, default));
+        let upstream_tls = match tls::upstream_client_config(config.upstream_ca.as_deref()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "no TLS client config: https upstreams will fail");
+                None
+            }
+        };
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let access_log = match (&runtime, config.access_log.enabled) {
+            (Some(_), true) => match AccessLog::start(&config.access_log) {
+                Ok(log) => Some(log),
+                Err(e) => {
+                    tracing::warn!(error = %e, "access log disabled: cannot open its file");
+                    None
+                }
+            },
+            (None, true) => {
+                tracing::warn!("access log disabled: no tokio runtime at start-up");
+                None
+            }
+            _ => None,
+        };
+        if let (Some(rt), false) = (
+            &runtime,
+            config.certificates.is_empty() && config.default_certificate.is_none(),
+        ) {
+            let weak = Arc::downgrade(&certs);
+            let every = config
+                .cert_reload_interval
+                .unwrap_or(DEFAULT_CERT_RELOAD_INTERVAL);
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(store) = weak.upgrade() else { return };
+                    // File reads are small; a blocking thread keeps them off the workers.
+                    let _ = tokio::task::spawn_blocking(move || store.reload()).await;
+                }
+            });
+        }
+        Arc::new(HttpContext {
+            config,
+            certs,
+            upstreams: upstream::Upstreams::new(upstream_tls),
+            access_log,
+        })
     }
 }
 
-/// Compiled routers per entrypoint; part of one [`RoutingTable`] generation.
-#[derive(Debug, Default)]
-pub struct HttpTable {}
-
-impl HttpTable {
-    /// Compile `desired.routers` against the compiled services; problems are pushed, not fatal.
-    pub fn build(
-        _desired: &DesiredState,
-        _services: &BTreeMap<Arc<str>, Arc<ServiceRoute>>,
-        _problems: &mut Vec<Problem>,
-    ) -> HttpTable {
-        HttpTable {}
+/// ASCII-lowercase `s` into `buf` without allocating; `None` if longer than the buffer
+/// (no valid host name is longer than 253 bytes).
+pub(crate) fn lowercase<'b>(s: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> {
+    let out = buf.get_mut(..s.len())?;
+    for (o, b) in out.iter_mut().zip(s.bytes()) {
+        *o = b.to_ascii_lowercase();
     }
+    std::str::from_utf8(out).ok()
 }
 
 /// Serve one accepted downstream connection on entrypoint `entrypoint` until it closes or
 /// `shutdown` fires (then finish in-flight requests and close).
+///
+/// The entrypoint's settings (kind, TLS, limits, trusted proxies) are those of the table
+/// current when the connection was accepted; routes are looked up per request in the table
+/// current at that time.
 pub async fn serve_connection(
-    _ctx: Arc<HttpContext>,
-    _table: Arc<ArcSwap<RoutingTable>>,
-    _entrypoint: Arc<str>,
-    _stream: TcpStream,
-    _peer: SocketAddr,
-    _shutdown: CancellationToken,
+    ctx: Arc<HttpContext>,
+    table: Arc<ArcSwap<RoutingTable>>,
+    entrypoint: Arc<str>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
 ) {
+    let settings = {
+        let current = table.load();
+        current
+            .http
+            .entrypoint(&entrypoint)
+            .map(|e| Arc::clone(&e.settings))
+    };
+    let Some(settings) = settings else {
+        tracing::debug!(entrypoint = %entrypoint, "connection on an entrypoint that is gone");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let tls_config = match settings.kind {
+        EntrypointKind::Https => {
+            let built = settings.tls_config.get_or_init(|| {
+                tls::server_config(Arc::clone(&ctx.certs), settings.client_verifier.clone())
+                    .expect("ring supports TLS 1.2 and 1.3")
+            });
+            Some(Arc::clone(built))
+        }
+        _ => None,
+    };
+    let trusted = settings.is_trusted(peer.ip());
+    let conn = Arc::new(proxy::ConnState {
+        forward: headers::ForwardInfo::new(peer.ip(), tls_config.is_some(), trusted),
+        hash: crate::balance::hash_ip(peer.ip()),
+        ctx,
+        table,
+        entrypoint,
+        settings,
+        peer,
+        tls: tls_config.is_some(),
+        shutdown,
+    });
+    match (conn.settings.kind, tls_config) {
+        (EntrypointKind::TlsPassthrough, _) => passthrough::serve(conn, stream).await,
+        (EntrypointKind::Https, Some(config)) => server::serve_tls(conn, stream, config).await,
+        _ => server::serve_plain(conn, stream).await,
+    }
 }

@@ -1,0 +1,115 @@
+//! The response body sent downstream: the upstream body streamed frame by frame (data and
+//! trailers, never buffered) or a small local body, counting bytes. When it ends or is dropped
+//! it releases the endpoint's in-flight count and emits the access log record.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::accesslog::{AccessLog, AccessRecord};
+use crate::stats::InFlight;
+
+/// A record waiting for the end of the response body.
+#[derive(Debug)]
+pub struct PendingLog {
+    pub log: Arc<AccessLog>,
+    pub record: AccessRecord,
+    pub started_ns: u64,
+}
+
+#[derive(Debug)]
+enum Source {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+/// Response body type of every downstream response.
+#[derive(Debug)]
+pub struct ProxyBody {
+    source: Source,
+    bytes: u64,
+    log: Option<Box<PendingLog>>,
+    in_flight: Option<InFlight>,
+}
+
+impl ProxyBody {
+    pub fn upstream(body: Incoming, in_flight: Option<InFlight>) -> ProxyBody {
+        ProxyBody {
+            source: Source::Upstream(body),
+            bytes: 0,
+            log: None,
+            in_flight,
+        }
+    }
+
+    pub fn local(body: Bytes) -> ProxyBody {
+        ProxyBody {
+            source: Source::Local((!body.is_empty()).then_some(body)),
+            bytes: 0,
+            log: None,
+            in_flight: None,
+        }
+    }
+
+    pub fn set_log(&mut self, log: Option<Box<PendingLog>>) {
+        self.log = log;
+    }
+
+    fn finish(&mut self) {
+        self.in_flight = None;
+        if let Some(mut pending) = self.log.take() {
+            pending.record.bytes = self.bytes;
+            pending.record.duration_us =
+                crate::clock::now_ns().saturating_sub(pending.started_ns) / 1000;
+            pending.log.log(pending.record);
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = match &mut this.source {
+            Source::Upstream(body) => std::task::ready!(Pin::new(body).poll_frame(cx)),
+            Source::Local(data) => data.take().map(|d| Ok(Frame::data(d))),
+        };
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            _ => this.finish(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.source {
+            Source::Upstream(b) => b.is_end_stream(),
+            Source::Local(d) => d.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Upstream(b) => b.size_hint(),
+            Source::Local(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

@@ -1,0 +1,254 @@
+//! Request and response header hygiene: hop-by-hop removal (RFC 9110 §7.6.1) and the forwarding
+//! headers (`X-Forwarded-For/-Proto/-Host`, RFC 7239 `Forwarded`), trusted only from configured
+//! proxies.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// An IP network (`10.0.0.0/8`, `::1/128`, or a bare address = a single host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad address {ip:?} in CIDR {s:?}"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("bad prefix length in CIDR {s:?}"))?,
+            None => max,
+        };
+        Ok(Cidr { net, prefix })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Remove hop-by-hop headers in place. With `upgrade`, keep `Upgrade` and send
+/// `Connection: upgrade` (the one hop-by-hop exchange a proxy must forward).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1). Collected first because
+    // the map cannot be mutated while borrowed; a tiny fixed array avoids allocating.
+    let mut named: [Option<HeaderName>; 8] = Default::default();
+    let mut n = 0;
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(text) = value.to_str() else { continue };
+        for token in text.split(',') {
+            let token = token.trim();
+            if token.is_empty() || token.eq_ignore_ascii_case("close") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                if n < named.len() {
+                    named[n] = Some(name);
+                    n += 1;
+                }
+            }
+        }
+    }
+    for name in named.iter().flatten() {
+        if upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    // TE: only "trailers" may pass (gRPC needs it end to end).
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|t| {
+            t.split(',')
+                .any(|x| x.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Per-connection inputs of the forwarding headers, computed once when the connection starts.
+#[derive(Debug, Clone)]
+pub struct ForwardInfo {
+    /// The downstream peer's IP as an `X-Forwarded-For` element.
+    pub peer_ip: HeaderValue,
+    /// `for=...;proto=...` of this hop's `Forwarded` element (host is added per request).
+    forwarded_prefix: String,
+    pub proto: HeaderValue,
+    /// Peer is a trusted proxy: its forwarding headers are kept and appended to.
+    pub trusted: bool,
+}
+
+impl ForwardInfo {
+    pub fn new(peer: IpAddr, tls: bool, trusted: bool) -> ForwardInfo {
+        let peer = peer.to_canonical();
+        let proto = if tls { "https" } else { "http" };
+        // RFC 7239 §6: IPv6 nodes are quoted and bracketed.
+        let forwarded_prefix = match peer {
+            IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+        };
+        ForwardInfo {
+            peer_ip: HeaderValue::from_str(&peer.to_string()).expect("an IP is a header value"),
+            forwarded_prefix,
+            proto: HeaderValue::from_static(proto),
+            trusted,
+        }
+    }
+}
+
+/// Add this hop's forwarding headers. From an untrusted peer, incoming ones are dropped first:
+/// a client must not be able to pick the address a backend logs or trusts.
+pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo, host: Option<&HeaderValue>) {
+    if !info.trusted {
+        headers.remove(&X_FORWARDED_FOR);
+        headers.remove(&X_FORWARDED_PROTO);
+        headers.remove(&X_FORWARDED_HOST);
+        headers.remove(header::FORWARDED);
+    }
+    // X-Forwarded-For: one comma-joined list, previous hops first.
+    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut buf = BytesMut::with_capacity(64);
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            buf.put_slice(v.as_bytes());
+            buf.put_slice(b", ");
+        }
+        buf.put_slice(info.peer_ip.as_bytes());
+        HeaderValue::from_maybe_shared(buf.freeze()).unwrap_or_else(|_| info.peer_ip.clone())
+    } else {
+        info.peer_ip.clone()
+    };
+    headers.insert(&X_FORWARDED_FOR, xff);
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(&X_FORWARDED_PROTO, info.proto.clone());
+    }
+    if let Some(host) = host {
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(&X_FORWARDED_HOST, host.clone());
+        }
+    }
+    // Forwarded: append this hop's element.
+    let mut buf = BytesMut::with_capacity(96);
+    for v in headers.get_all(header::FORWARDED) {
+        buf.put_slice(v.as_bytes());
+        buf.put_slice(b", ");
+    }
+    buf.put_slice(info.forwarded_prefix.as_bytes());
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        // `host` is a token or a quoted string; a host with a port has ':' and is quoted.
+        buf.put_slice(b";host=\"");
+        buf.put_slice(host.as_bytes());
+        buf.put_slice(b"\"");
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr() {
+        let c: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        let h: Cidr = "::1".parse().unwrap();
+        assert!(h.contains("::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nope".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers, deflate"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none());
+        assert!(h.get("upgrade").is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        assert_eq!(h.get("x-keep").unwrap(), "1");
+    }
+
+    #[test]
+    fn forwarding_untrusted_and_trusted() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        let host = HeaderValue::from_static("a.example");
+        let info = ForwardInfo::new("192.0.2.1".parse().unwrap(), false, false);
+        set_forwarding(&mut h, &info, Some(&host));
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.1");
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=192.0.2.1;proto=http;host=\"a.example\""
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        let info = ForwardInfo::new("::1".parse().unwrap(), true, true);
+        set_forwarding(&mut h, &info, None);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "6.6.6.6, ::1");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("forwarded").unwrap(), "for=\"[::1]\";proto=https");
+    }
+}

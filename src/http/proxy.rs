@@ -1,0 +1,429 @@
+//! One request through the proxy: route lookup, endpoint pick (sticky cookie or balancer),
+//! header hygiene, forwarding with timeouts and retries, upgrades (WebSocket) tunnelled.
+//!
+//! Retries: a failed connect or a request that was never written is retried on a DIFFERENT
+//! endpoint, and so is an idempotent request whose connection died before a response (see
+//! [`ProxyError::retryable`]); at most `ServiceSpec.retries` times. Only requests without a
+//! body are retried: the body is streamed into the first attempt, never buffered, so it cannot
+//! be replayed (documented limitation; bodyless requests are the vast majority of retries).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+use super::accesslog::{unix_ms, AccessRecord};
+use super::body::{PendingLog, ProxyBody};
+use super::error::{classify_client_error, ProxyError};
+use super::headers::{set_forwarding, strip_hop_by_hop, ForwardInfo};
+use super::router::{EntrypointSettings, Target};
+use super::rule::RequestView;
+use super::HttpContext;
+use crate::balance::{Exclude, PickContext};
+use crate::clock;
+use crate::model::HttpUpstream;
+use crate::table::RoutingTable;
+
+/// Per-connection state shared by the requests of one downstream connection.
+pub(crate) struct ConnState {
+    pub ctx: Arc<HttpContext>,
+    pub table: Arc<ArcSwap<RoutingTable>>,
+    pub entrypoint: Arc<str>,
+    pub settings: Arc<EntrypointSettings>,
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub forward: ForwardInfo,
+    /// Client IP hash for consistent-hash balancing.
+    pub hash: u64,
+    pub shutdown: CancellationToken,
+}
+
+/// hyper service entry point: never fails, every error becomes a response.
+pub(crate) async fn handle(
+    conn: Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started_ns = clock::now_ns();
+    let mut record = conn.ctx.access_log.as_ref().map(|_| AccessRecord {
+        time_ms: unix_ms(),
+        client: conn.peer.ip(),
+        entrypoint: Arc::clone(&conn.entrypoint),
+        method: req.method().clone(),
+        host: host_of(&req).unwrap_or_default().to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
+        protocol: version_str(req.version()),
+        status: 0,
+        bytes: 0,
+        router: None,
+        service: None,
+        endpoint: None,
+        duration_us: 0,
+        upstream_us: 0,
+        attempts: 0,
+    });
+    let mut response = match proxy(&conn, req, record.as_mut(), started_ns).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(entrypoint = %conn.entrypoint, peer = %conn.peer, error = %e, source = ?e.source(), "request failed");
+            error_response(e)
+        }
+    };
+    if let (Some(mut record), Some(log)) = (record, conn.ctx.access_log.as_ref()) {
+        record.status = response.status().as_u16();
+        response.body_mut().set_log(Some(Box::new(PendingLog {
+            log: Arc::clone(log),
+            record,
+            started_ns,
+        })));
+    }
+    Ok(response)
+}
+
+pub(crate) fn error_response(e: ProxyError) -> Response<ProxyBody> {
+    local_response(e.status(), e.body())
+}
+
+fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::local(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// The request's host: `Host` header, else the URI authority (HTTP/2), without the port.
+fn host_of<B>(req: &Request<B>) -> Option<&str> {
+    let raw = match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok()?,
+        None => req.uri().authority()?.as_str(),
+    };
+    Some(strip_port(raw))
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// Is this an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`)?
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+async fn proxy(
+    conn: &ConnState,
+    mut req: Request<Incoming>,
+    mut record: Option<&mut AccessRecord>,
+    started_ns: u64,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut host_buf = [0u8; 256];
+    let host = match host_of(&req) {
+        Some(h) => super::lowercase(h, &mut host_buf).ok_or(ProxyError::BadRequest)?,
+        None if req.version() == Version::HTTP_10 => "",
+        None => return Err(ProxyError::BadRequest),
+    };
+    if conn.settings.redirect_to_https && !conn.tls {
+        return Ok(redirect(conn, host, &req));
+    }
+    // Route under a short-lived guard: clone the Arc we need and drop the guard before awaiting.
+    let (router, target) = {
+        let table = conn.table.load();
+        let ep = table
+            .http
+            .entrypoint(&conn.entrypoint)
+            .ok_or(ProxyError::NoRoute)?;
+        let view = RequestView {
+            host,
+            path: req.uri().path(),
+            method: req.method(),
+            headers: Some(req.headers()),
+        };
+        let r = ep.lookup(&view).ok_or(ProxyError::NoRoute)?;
+        (Arc::clone(&r.name), Arc::clone(&r.target))
+    };
+    if let Some(rec) = record.as_deref_mut() {
+        rec.router = Some(router);
+        rec.service = Some(Arc::clone(&target.service.name));
+    }
+    let upgrade = is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    if upgrade && target.protocol == HttpUpstream::H2c {
+        return Err(ProxyError::UpstreamProtocol);
+    }
+    let sticky_idx = target
+        .sticky
+        .as_ref()
+        .and_then(|s| sticky_endpoint(&req, s, &target));
+
+    // Request hygiene.
+    let host_header = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    set_forwarding(req.headers_mut(), &conn.forward, host_header.as_ref());
+    if let Some(h) = &host_header {
+        // HTTP/2 requests carry the host in :authority; HTTP/1 upstreams need a Host header.
+        req.headers_mut()
+            .entry(header::HOST)
+            .or_insert_with(|| h.clone());
+    }
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let bodyless = body.is_end_stream();
+    let spec = &target.service.spec;
+    let max_attempts = 1 + if bodyless && !upgrade {
+        spec.retries
+    } else {
+        0
+    };
+    let mut body = Some(if bodyless {
+        Either::Right(Empty::new())
+    } else {
+        Either::Left(body)
+    });
+    let mut parts = Some(parts);
+    let client = conn
+        .ctx
+        .upstreams
+        .client(target.protocol, spec.timeouts.connect);
+    let pool = target.pool();
+    let mut exclude = Exclude::default();
+    let mut last_error = ProxyError::NoEndpoint;
+    for attempt in 0..max_attempts {
+        let now_ms = clock::now_ms();
+        let idx = match sticky_idx.filter(|_| attempt == 0) {
+            Some(i) => Some(i),
+            None => pool.balancer.pick(
+                &pool.endpoints,
+                &PickContext {
+                    hash: conn.hash,
+                    now_ms,
+                    now_ns: clock::now_ns(),
+                    exclude,
+                },
+            ),
+        };
+        let Some(idx) = idx else {
+            return Err(last_error);
+        };
+        exclude.insert(idx);
+        let endpoint = &pool.endpoints[idx];
+        if let Some(rec) = record.as_deref_mut() {
+            rec.endpoint = Some(endpoint.addr);
+            rec.attempts = attempt + 1;
+        }
+        // The last attempt takes the head by value; earlier ones send a copy.
+        let head = if attempt + 1 == max_attempts {
+            parts.take().expect("head kept until the last attempt")
+        } else {
+            copy_head(parts.as_ref().expect("head kept until the last attempt"))
+        };
+        let out_body = if attempt + 1 == max_attempts || !bodyless {
+            body.take().expect("body kept until the last attempt")
+        } else {
+            Either::Right(Empty::new())
+        };
+        let mut out = Request::from_parts(head, out_body);
+        let scheme = if target.protocol == HttpUpstream::Https {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(scheme);
+        uri.authority = Some(target.authorities[idx].clone());
+        uri.path_and_query = out
+            .uri()
+            .path_and_query()
+            .cloned()
+            .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+        *out.uri_mut() = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
+        *out.version_mut() = if target.protocol == HttpUpstream::H2c {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+
+        let in_flight = endpoint.stats.start();
+        let sent_ns = clock::now_ns();
+        let fut = client.request(out);
+        let result = match spec.timeouts.response {
+            Some(limit) => tokio::time::timeout(limit, fut)
+                .await
+                .map_err(|_| ProxyError::ResponseTimeout)
+                .and_then(|r| r.map_err(|e| classify_client_error(&e))),
+            None => fut.await.map_err(|e| classify_client_error(&e)),
+        };
+        let now_ns = clock::now_ns();
+        match result {
+            Ok(mut resp) => {
+                endpoint.stats.record_success();
+                endpoint.stats.record_latency(now_ns - sent_ns, now_ns);
+                if let Some(rec) = record.as_deref_mut() {
+                    rec.upstream_us = now_ns.saturating_sub(started_ns) / 1000;
+                }
+                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if let (true, Some(down)) = (switching, downstream_upgrade) {
+                    let up = hyper::upgrade::on(&mut resp);
+                    let shutdown = conn.shutdown.clone();
+                    tokio::spawn(tunnel(down, up, in_flight, shutdown));
+                    strip_hop_by_hop(resp.headers_mut(), true);
+                    return Ok(resp.map(|_| ProxyBody::local(Bytes::new())));
+                }
+                strip_hop_by_hop(resp.headers_mut(), false);
+                if let Some(sticky) = &target.sticky {
+                    if sticky_idx != Some(idx) {
+                        resp.headers_mut()
+                            .append(header::SET_COOKIE, sticky.set_cookie[idx].clone());
+                    }
+                }
+                return Ok(resp.map(|b| ProxyBody::upstream(b, Some(in_flight))));
+            }
+            Err(e) => {
+                if e.is_connect_failure() {
+                    endpoint.stats.record_failure(now_ms);
+                }
+                tracing::debug!(service = %target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
+                last_error = e;
+                if !e.retryable(&method) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Err(last_error)
+}
+
+/// Copy of a request head for a retry (extensions are not needed upstream).
+fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r.into_parts().0
+}
+
+/// The endpoint named by the request's sticky cookie, if it is in the pool and available.
+fn sticky_endpoint<B>(
+    req: &Request<B>,
+    sticky: &super::router::Sticky,
+    target: &Target,
+) -> Option<usize> {
+    let wanted = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == &*sticky.cookie).then(|| u64::from_str_radix(v.trim(), 16).ok())?
+        })?;
+    let idx = sticky.hashes.iter().position(|h| *h == wanted)?;
+    let ep = target.pool().endpoints.get(idx)?;
+    ep.stats.is_available(clock::now_ms()).then_some(idx)
+}
+
+/// Copy bytes both ways between the upgraded downstream and upstream connections.
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    _in_flight: crate::stats::InFlight,
+    shutdown: CancellationToken,
+) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut down, &mut up) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upgraded tunnel closed with error");
+            }
+        }
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// 308 to the same host and path over https.
+fn redirect<B>(conn: &ConnState, host: &str, req: &Request<B>) -> Response<ProxyBody> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = match conn.settings.redirect_port {
+        Some(port) if port != 443 => format!("https://{host}:{port}{path}"),
+        _ => format!("https://{host}{path}"),
+    };
+    let mut r = local_response(StatusCode::PERMANENT_REDIRECT, "308 use https\n");
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("a.example:8080"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("[::1]"), "::1");
+    }
+
+    #[test]
+    fn head_copy_keeps_everything_sent() {
+        let mut r = Request::new(());
+        *r.method_mut() = Method::PUT;
+        r.headers_mut().insert("x", HeaderValue::from_static("1"));
+        let (p, ()) = r.into_parts();
+        let c = copy_head(&p);
+        assert_eq!(c.method, Method::PUT);
+        assert_eq!(c.headers.get("x").unwrap(), "1");
+    }
+}
