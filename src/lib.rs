@@ -24,6 +24,8 @@
 //! - [`balance`]: endpoint picking (round robin, least-conn, P2C peak-EWMA, Maglev).
 //! - [`proxy`]: TCP (splice) and UDP proxying.
 //!
+//! - [`health`]: active health checks (control path), marking endpoints down and up.
+//!
 //! Shared: [`stats`] (per-endpoint atomics that survive table swaps), [`clock`], [`metrics`],
 //! [`admin`] (admin API + Prometheus), [`echo`] (the project's own test backend).
 #![forbid(unsafe_code)]
@@ -35,6 +37,7 @@ pub mod config;
 pub mod control;
 pub mod dns;
 pub mod echo;
+pub mod health;
 pub mod http;
 pub mod listener;
 pub mod metrics;

@@ -107,6 +107,7 @@ pub async fn run(
         })
         .await;
 
+    tokio::spawn(crate::health::run(Arc::clone(&table), background.clone()));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     if let ConfigSource::File(path) = &source {
         if config.providers.file.watch {

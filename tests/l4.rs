@@ -488,3 +488,37 @@ async fn idle_timeout_and_proxy_protocol() {
     assert!(started.elapsed() >= Duration::from_millis(250));
     assert_eq!(mg.metric("meshgate_idle_closed_total").await, 1.0);
 }
+
+#[tokio::test]
+async fn active_health_check_takes_bad_endpoint_out_and_back() {
+    // The TCP echo accepts connections (passive health cannot see it is broken) but is no HTTP
+    // server: the HTTP health check marks it down, and every request goes to the good one.
+    let good = Backend::http("good").await;
+    let bad = Backend::tcp_echo().await;
+    let port = free_port();
+    let body = format!(
+        "services:\n  web:\n    ports: [\"{port}\"]\n    endpoints: [\"{}\", \"{}\"]\n    health_check: {{ interval: 100ms, timeout: 500ms, fall: 2, rise: 2, http_path: / }}\n",
+        good.addr, bad.addr
+    );
+    let mg = Meshgate::start(&body).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let table = mg.get("/api/table").await.unwrap();
+        if table.contains("\"Down\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bad endpoint never marked down: {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(ask_name(addr(port)).await.unwrap(), "good");
+    }
+    assert!(mg.log_text().contains("health check: endpoint down"));
+    assert_eq!(
+        mg.metric("meshgate_upstream_connect_failures_total").await,
+        0.0
+    );
+}
