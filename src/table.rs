@@ -287,27 +287,41 @@ fn build_pool(
     }
 }
 
-/// Used by `check` and the admin API: one line per listener.
+/// Used by `meshgate check`: one line per listener, saying where it routes.
 pub fn describe(table: &RoutingTable) -> Vec<String> {
     let mut lines = Vec::new();
     for (key, spec) in &table.listeners {
-        let route = table.l4.get(key);
-        let (policy, eps) = match route {
-            Some(r) => (
-                r.service.spec.policy,
-                r.pool()
+        let line = match table.l4.get(key) {
+            Some(route) => {
+                let eps: Vec<String> = route
+                    .pool()
                     .endpoints
                     .iter()
                     .map(|e| e.addr.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ),
-            None => (Policy::RoundRobin, String::new()),
+                    .collect();
+                format!(
+                    "{key} -> service {} ({:?}) -> [{}]",
+                    spec.owner,
+                    route.service.spec.policy,
+                    eps.join(", ")
+                )
+            }
+            None => {
+                let routers: Vec<String> = table
+                    .desired
+                    .routers
+                    .values()
+                    .filter(|r| r.entrypoints.contains(&spec.owner))
+                    .map(|r| format!("{} `{}` -> {}", r.name, r.rule, r.service))
+                    .collect();
+                format!(
+                    "{key} -> entrypoint {} -> routers [{}]",
+                    spec.owner,
+                    routers.join("; ")
+                )
+            }
         };
-        lines.push(format!(
-            "{key} -> service {} ({policy:?}) -> [{eps}]",
-            spec.owner
-        ));
+        lines.push(line);
     }
     lines
 }

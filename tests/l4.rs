@@ -522,3 +522,122 @@ async fn active_health_check_takes_bad_endpoint_out_and_back() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn reload_keeps_established_connections() {
+    let (e1, e2) = (Backend::tcp_echo().await, Backend::tcp_echo().await);
+    let port = free_port();
+    let one = format!(
+        "services:\n{}",
+        service("e", port, "round_robin", &[e1.addr.to_string()])
+    );
+    let mg = Meshgate::start(&one).await;
+    let mut conn = TcpStream::connect(addr(port)).await.unwrap();
+    conn.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    conn.read_exact(&mut buf).await.unwrap();
+    // Change the service's endpoints and policy: a new table, same listener.
+    let gen = mg.generation().await;
+    mg.rewrite(&format!(
+        "services:\n{}",
+        service(
+            "e",
+            port,
+            "least_conn",
+            &[e1.addr.to_string(), e2.addr.to_string()]
+        )
+    ));
+    mg.wait_generation_above(gen, Duration::from_secs(1)).await;
+    conn.write_all(b"after!").await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(
+        &buf, b"after!",
+        "established connection survived the reload"
+    );
+    assert!(
+        !mg.log_text().contains("listener closed"),
+        "listener was not reopened"
+    );
+}
+
+#[tokio::test]
+async fn accept_backs_off_on_emfile_and_recovers() {
+    let echo = Backend::tcp_echo().await;
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mg.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin:\n  bind: {admin}\nservices:\n{}",
+            service("e", port, "round_robin", &[echo.addr.to_string()])
+        ),
+    )
+    .unwrap();
+    // A tiny fd limit: each proxied connection costs 2 fds (+ pipes when data flows).
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {} run --config {}",
+            env!("CARGO_BIN_EXE_meshgate"),
+            config.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let target = addr(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(target).await.is_err() {
+        assert!(Instant::now() < deadline, "meshgate did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Hold far more connections than the limit allows; the kernel queues them in the backlog.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Ok(c) = TcpStream::connect(target).await {
+            held.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = async {
+        let mut s = TcpStream::connect(admin.as_str()).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    drop(held);
+    // After the connections close, meshgate accepts and proxies again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let attempt = async {
+            let mut c = TcpStream::connect(target).await?;
+            c.write_all(b"ok").await?;
+            let mut buf = [0u8; 2];
+            c.read_exact(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        };
+        if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(1), attempt).await {
+            assert_eq!(&b, b"ok");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "meshgate did not recover after EMFILE"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = metrics.await.unwrap_or_default();
+    let errors: f64 = text
+        .lines()
+        .find(|l| l.starts_with("meshgate_accept_errors_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(errors >= 1.0, "EMFILE counted as accept errors: {errors}");
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    let _ = child.kill();
+    let _ = child.wait();
+}
