@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::balance::{Balancer, Endpoint};
 use crate::dns::{DnsConfig, DnsRecords};
-use crate::model::{DesiredState, Policy, Problem, Protocol, ServiceSpec};
+use crate::model::{DesiredState, Problem, Protocol, ServiceSpec};
 use crate::stats::StatsRegistry;
 
 /// What kind of socket a listener is.
