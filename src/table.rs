@@ -165,31 +165,16 @@ impl RoutingTable {
                         kind: port.protocol.into(),
                         addr,
                     };
-                    if let Some(other) = listeners.get(&key).map(|l: &ListenerSpec| &l.owner) {
-                        problems.push(Problem {
-                            provider: "table".into(),
-                            object: name.clone(),
-                            message: format!(
-                                "{key} is already published by service {other}; ignored"
-                            ),
-                        });
-                        continue;
+                    if claim(
+                        &mut listeners,
+                        &mut problems,
+                        key,
+                        name,
+                        spec.timeouts.drain,
+                    ) {
+                        let service = Arc::clone(&route);
+                        l4.insert(key, L4Route { service, pool });
                     }
-                    listeners.insert(
-                        key,
-                        ListenerSpec {
-                            key,
-                            owner: name.clone(),
-                            drain: spec.timeouts.drain,
-                        },
-                    );
-                    l4.insert(
-                        key,
-                        L4Route {
-                            service: Arc::clone(&route),
-                            pool,
-                        },
-                    );
                 }
             }
             services.insert(Arc::clone(&route.name), route);
@@ -200,25 +185,8 @@ impl RoutingTable {
                 kind: ListenKind::Http,
                 addr: ep.bind,
             };
-            if let Some(other) = listeners.get(&key).map(|l: &ListenerSpec| &l.owner) {
-                problems.push(Problem {
-                    provider: "table".into(),
-                    object: name.clone(),
-                    message: format!(
-                        "entrypoint address {} is already used by {other}; ignored",
-                        ep.bind
-                    ),
-                });
-                continue;
-            }
-            listeners.insert(
-                key,
-                ListenerSpec {
-                    key,
-                    owner: name.clone(),
-                    drain: crate::model::Timeouts::default().drain,
-                },
-            );
+            let drain = crate::model::Timeouts::default().drain;
+            claim(&mut listeners, &mut problems, key, name, drain);
         }
         let http = crate::http::HttpTable::build(desired, &services, &mut problems);
         let dns = DnsRecords::build(desired, &vips, &opts.dns);
@@ -238,6 +206,42 @@ impl RoutingTable {
     pub fn service(&self, name: &str) -> Option<&Arc<ServiceRoute>> {
         self.services.get(name)
     }
+}
+
+/// Reserve `key` for `owner` unless another owner has the same socket (TCP and HTTP listeners
+/// share the TCP port space); a clash becomes a problem and the first claimant keeps it.
+fn claim(
+    listeners: &mut BTreeMap<ListenKey, ListenerSpec>,
+    problems: &mut Vec<Problem>,
+    key: ListenKey,
+    owner: &str,
+    drain: std::time::Duration,
+) -> bool {
+    let same_socket = |kind| ListenKey {
+        kind,
+        addr: key.addr,
+    };
+    let rivals = match key.kind {
+        ListenKind::Udp => [key, key],
+        ListenKind::Tcp | ListenKind::Http => {
+            [same_socket(ListenKind::Tcp), same_socket(ListenKind::Http)]
+        }
+    };
+    if let Some(other) = rivals.iter().find_map(|k| listeners.get(k)) {
+        problems.push(Problem {
+            provider: "table".into(),
+            object: owner.to_owned(),
+            message: format!("{key} is already used by {}; ignored", other.owner),
+        });
+        return false;
+    }
+    let spec = ListenerSpec {
+        key,
+        owner: owner.to_owned(),
+        drain,
+    };
+    listeners.insert(key, spec);
+    true
 }
 
 fn build_service(spec: &ServiceSpec, stats: &StatsRegistry, generation: u64) -> ServiceRoute {
@@ -324,4 +328,66 @@ pub fn describe(table: &RoutingTable) -> Vec<String> {
         lines.push(line);
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EndpointSpec, EntrypointKind, EntrypointSpec, PortSpec};
+
+    fn svc(name: &str, port: u16) -> ServiceSpec {
+        let mut s = ServiceSpec::new(name);
+        s.ports.push(PortSpec {
+            published: port,
+            target: 80,
+            protocol: Protocol::Tcp,
+            bind: "0.0.0.0".parse().unwrap(),
+        });
+        s.endpoints
+            .push(EndpointSpec::from_addr("10.0.0.1:80".parse().unwrap()));
+        s
+    }
+
+    #[test]
+    fn port_clashes_are_problems_first_claimant_wins() {
+        let mut d = DesiredState::default();
+        d.services.insert("a".into(), svc("a", 8080));
+        d.services.insert("b".into(), svc("b", 8080));
+        d.entrypoints.insert(
+            "web".into(),
+            EntrypointSpec::new("web", "0.0.0.0:8080".parse().unwrap(), EntrypointKind::Http),
+        );
+        let t = RoutingTable::build(&d, &BuildOptions::default(), &StatsRegistry::default(), 1);
+        assert_eq!(t.listeners.len(), 1);
+        assert_eq!(t.listeners.values().next().unwrap().owner, "a");
+        assert_eq!(t.problems.len(), 2, "{:?}", t.problems);
+        assert!(t.problems.iter().any(|p| p.object == "web"));
+    }
+
+    #[test]
+    fn draining_endpoints_leave_pools_and_stats_survive_rebuilds() {
+        let stats = StatsRegistry::default();
+        let mut d = DesiredState::default();
+        let mut s = svc("a", 8080);
+        s.endpoints
+            .push(EndpointSpec::from_addr("10.0.0.2:80".parse().unwrap()));
+        d.services.insert("a".into(), s.clone());
+        let t1 = RoutingTable::build(&d, &BuildOptions::default(), &stats, 1);
+        let first = Arc::clone(&t1.services["a"].pools[0].endpoints[0].stats);
+        let _guard = first.start();
+        s.endpoints[1].draining = true;
+        d.services.insert("a".into(), s);
+        let t2 = RoutingTable::build(&d, &BuildOptions::default(), &stats, 2);
+        let pool = &t2.services["a"].pools[0];
+        assert_eq!(
+            pool.endpoints.len(),
+            1,
+            "draining endpoint gets no new connections"
+        );
+        assert!(
+            Arc::ptr_eq(&pool.endpoints[0].stats, &first),
+            "stats survive the swap"
+        );
+        assert_eq!(pool.endpoints[0].stats.in_flight(), 1);
+    }
 }
