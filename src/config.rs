@@ -15,8 +15,8 @@ use serde_saphyr::Spanned;
 
 use crate::dns::DnsConfig;
 use crate::model::{
-    parse_duration, DesiredState, EndpointSpec, EntrypointSpec, HealthCheckSpec, Policy, PortSpec,
-    Protocol, ProxyProtocol, RouterSpec, ServiceSpec, Timeouts, UdpSettings,
+    parse_duration, DesiredState, EndpointSpec, EntrypointSpec, HealthCheckSpec, HttpUpstream,
+    Policy, PortSpec, Protocol, ProxyProtocol, RouterSpec, ServiceSpec, Timeouts, UdpSettings,
 };
 use crate::provider::docker::DockerConfig;
 
@@ -189,6 +189,8 @@ pub struct ServiceConfig {
     pub sticky_cookie: Option<String>,
     /// Active health check (unset = passive only).
     pub health_check: Option<HealthCheckConfig>,
+    /// Protocol HTTP routers speak to the endpoints: `http1` (default), `h2c`, `https`.
+    pub http_upstream: HttpUpstream,
 }
 
 /// `services.<name>.timeouts:`.
@@ -460,6 +462,7 @@ impl Config {
                 rise: h.rise.max(1),
                 http_path: h.http_path.clone(),
             });
+            spec.http_upstream = svc.http_upstream;
             desired.services.insert(name.clone(), spec);
         }
         for (name, ep) in &self.entrypoints {
@@ -476,6 +479,10 @@ impl Config {
             if !self.services.contains_key(&router.service) && !self.providers.docker.enabled {
                 return Err(invalid(format!("unknown service {:?}", router.service)));
             }
+            // A rule that does not parse rejects the whole file, so the previous routes keep
+            // serving (the table build would otherwise drop just this router).
+            crate::http::rule::Rule::parse(&router.rule)
+                .map_err(|e| invalid(format!("rule {:?}: {e}", router.rule)))?;
             for ep in &router.entrypoints {
                 if !self.entrypoints.contains_key(ep) {
                     return Err(invalid(format!("unknown entrypoint {ep:?}")));
@@ -536,6 +543,18 @@ mod tests {
         let text = "services:\n  a:\n    timeouts:\n      idle: 5 parsecs\n";
         let msg = Config::parse(text).unwrap_err().to_string();
         assert!(msg.contains("parsecs") && msg.contains('4'), "{msg}");
+
+        let text = "entrypoints:\n  web: { bind: \"127.0.0.1:1\" }\nservices:\n  a: { http_port: 80 }\nrouters:\n  r: { entrypoints: [web], rule: \"Host(`x`\", service: a }\n";
+        let msg = Config::parse(text)
+            .unwrap()
+            .to_desired()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("routers.r") && msg.contains("rule"), "{msg}");
+
+        let text = "services:\n  g: { http_port: 80, http_upstream: h2c }\n";
+        let d = Config::parse(text).unwrap().to_desired().unwrap();
+        assert_eq!(d.services["g"].http_upstream, HttpUpstream::H2c);
 
         let text = "servces: {}\n";
         let msg = Config::parse(text).unwrap_err().to_string();

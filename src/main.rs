@@ -70,17 +70,21 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         dns: cfg.dns.clone(),
     };
     let table = meshgate::table::RoutingTable::build(&desired, &opts, &stats, 1);
-    println!(
+    // Write errors (a closed pipe, as in `meshgate check | head -1`) end the listing quietly.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
         "config OK: {} services, {} listeners, {} routers",
         table.services.len(),
         table.listeners.len(),
         desired.routers.len()
     );
     for line in meshgate::table::describe(&table) {
-        println!("  {line}");
+        let _ = writeln!(out, "  {line}");
     }
     for p in &table.problems {
-        println!("  problem: {} {}: {}", p.provider, p.object, p.message);
+        let _ = writeln!(out, "  problem: {} {}: {}", p.provider, p.object, p.message);
     }
     ExitCode::SUCCESS
 }

@@ -157,8 +157,13 @@ impl RoutingTable {
                     .position(|p| p.target == port.target)
                     .expect("a pool exists for every port target");
                 let mut addrs = vec![SocketAddr::new(port.bind, port.published)];
+                // A wildcard bind already accepts on the VIP (a local address), and Linux refuses
+                // a second listener on VIP:port beside 0.0.0.0:port (EADDRINUSE), so the VIP
+                // only gets its own listener when the port binds a specific address.
                 if let Some(vip) = vips.get(name) {
-                    addrs.push(SocketAddr::new(*vip, port.published));
+                    if !(port.bind.is_unspecified() && port.bind.is_ipv4() == vip.is_ipv4()) {
+                        addrs.push(SocketAddr::new(*vip, port.published));
+                    }
                 }
                 for addr in addrs {
                     let key = ListenKey {

@@ -36,10 +36,13 @@ pub async fn watch(path: PathBuf, tx: UpdateSender, shutdown: CancellationToken)
     let mut watcher = match notify::recommended_watcher(
         move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res {
-                if ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name() == file_name.as_deref())
+                // Reading the file (our own reload, `meshgate check`, an editor) raises access
+                // events; reacting to them would reload in a loop.
+                if !matches!(ev.kind, notify::EventKind::Access(_))
+                    && ev
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name() == file_name.as_deref())
                 {
                     let _ = ev_tx.send(());
                 }

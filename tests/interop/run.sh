@@ -4,23 +4,52 @@
 # any failure. Missing clients are reported as SKIP (CI installs them with apt-get).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release --bins -q
-BIN=target/release
+# MESHGATE_BIN_DIR=target/debug reuses already built binaries (quick local runs).
+if [ -n "${MESHGATE_BIN_DIR:-}" ]; then BIN=$MESHGATE_BIN_DIR; else
+  cargo build --release --bins -q
+  BIN=target/release
+fi
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$WORK"; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null
+  if [ "$fail" -ne 0 ] && [ -f "$WORK/mg.log" ]; then echo "--- meshgate log (tail)"; tail -n 40 "$WORK/mg.log"; fi
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 pass=0; fail=0
 ok()   { echo "PASS: $1"; pass=$((pass+1)); }
 bad()  { echo "FAIL: $1"; fail=$((fail+1)); }
 skip() { echo "SKIP: $1"; }
 have() { command -v "$1" >/dev/null 2>&1; }
+# Wait (bounded, 5 s) until a TCP port accepts connections.
+wait_port() { for _ in $(seq 50); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+# Merge YAML files whose top-level keys are block maps (`services:` then indented entries) or
+# one-line values: entries of a block key defined in several files end up under one key, so
+# each fragment can add its own services, entrypoints and routers.
+merge_yaml() {
+  awk '
+    /^[A-Za-z_][A-Za-z0-9_]*:[ \t]*(#.*)?$/ { k=$1; sub(/:.*/, "", k); if (!(k in body)) order[n++]=k; cur=k; next }
+    /^[A-Za-z_]/ { cur=""; flat[nf++]=$0; next }
+    /^[ \t]*(#.*)?$/ { next }
+    { if (cur != "") body[cur]=body[cur] $0 "\n"; else flat[nf++]=$0 }
+    END { for (i=0; i<nf; i++) print flat[i]; for (i=0; i<n; i++) { print order[i] ":"; printf "%s", body[order[i]] } }
+  ' "$@"
+}
 
 # Backends: two HTTP (h1 + h2c + gRPC + WebSocket), one TCP echo, one UDP echo.
 $BIN/meshgate-echo --name b1 --http 127.0.0.1:28081 --tcp 127.0.0.1:28091 --udp 127.0.0.1:28093 >"$WORK/b1.log" 2>&1 & PIDS+=($!)
 $BIN/meshgate-echo --name b2 --http 127.0.0.1:28082 >"$WORK/b2.log" 2>&1 & PIDS+=($!)
 
-cat >"$WORK/mg.yaml" <<YAML
+# Set-up contributed by the HTTP and DNS parts (certificates, extra backends): runs before
+# meshgate starts, may append to PIDS.
+for s in tests/interop/*.d/*.pre.sh; do
+  [ -f "$s" ] || continue
+  # shellcheck source=/dev/null
+  . "$s"
+done
+
+cat >"$WORK/base.yaml" <<YAML
 admin: { bind: 127.0.0.1:29901 }
 services:
   web:
@@ -33,12 +62,21 @@ services:
     ports: ["28092:7/udp"]
     endpoints: ["127.0.0.1:28093"]
 YAML
-for f in tests/interop/*.d/*.yaml; do [ -f "$f" ] && cat "$f" >>"$WORK/mg.yaml"; done
+# Fragments may name files of the run's work dir as @WORK@.
+for f in tests/interop/*.d/*.yaml; do [ -f "$f" ] && sed "s#@WORK@#$WORK#g" "$f" >"$WORK/frag.$(basename "$(dirname "$f")").$(basename "$f")"; done
+merge_yaml "$WORK/base.yaml" "$WORK"/frag.*.yaml >"$WORK/mg.yaml" 2>/dev/null || cp "$WORK/base.yaml" "$WORK/mg.yaml"
 $BIN/meshgate run --config "$WORK/mg.yaml" >"$WORK/mg.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 50); do curl -sf http://127.0.0.1:29901/healthz >/dev/null 2>&1 && break; sleep 0.1; done
+if ! curl -sf --max-time 2 http://127.0.0.1:29901/healthz >/dev/null; then
+  echo "meshgate did not start; config and log:"; cat "$WORK/mg.yaml" "$WORK/mg.log"
+fi
+# Listeners that could not bind are a failure of the whole set-up.
+failed=$(curl -s --max-time 2 http://127.0.0.1:29901/api/status | python3 -c 'import json,sys; print(" ".join(json.load(sys.stdin)["listeners_failed"]))' 2>&1)
+if [ -z "$failed" ]; then ok "every configured listener is open"; else bad "listeners failed to bind: $failed"; fi
 
 # meshgate check: valid and invalid configs.
-if $BIN/meshgate check --config "$WORK/mg.yaml" | grep -q "config OK"; then ok "check accepts a valid config"; else bad "check valid"; fi
+out=$($BIN/meshgate check --config "$WORK/mg.yaml" 2>&1)
+if echo "$out" | grep -q "config OK"; then ok "check accepts a valid config"; else bad "check valid"; fi
 printf 'services:\n  a:\n    ports: ["9"]\n    policy: fastest\n' >"$WORK/bad.yaml"
 out=$($BIN/meshgate check --config "$WORK/bad.yaml" 2>&1); rc=$?
 if [ $rc -ne 0 ] && echo "$out" | grep -q "fastest" && echo "$out" | grep -q "4"; then ok "check rejects a bad config naming key and line"; else bad "check invalid: rc=$rc $out"; fi
@@ -84,6 +122,7 @@ else skip "wrk not installed"; fi
 # Extra checks contributed by the HTTP and DNS parts.
 for s in tests/interop/*.d/*.sh; do
   [ -f "$s" ] || continue
+  case "$s" in *.pre.sh) continue ;; esac
   # shellcheck source=/dev/null
   . "$s"
 done
