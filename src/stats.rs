@@ -152,6 +152,11 @@ impl EndpointStats {
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
+    /// Until when (process ms) passive health keeps this endpoint out; 0 when it is not ejected.
+    pub fn ejected_until_ms(&self) -> u64 {
+        self.ejected_until_ms.load(Ordering::Relaxed)
+    }
+
     pub fn is_ejected(&self, now_ms: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }

@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -62,53 +63,104 @@ impl Cidr {
     }
 }
 
+// Presence bits of the headers hygiene touches, found in one pass over the names: most requests
+// carry none of them, and every `remove` of an absent name still costs a hash and a probe.
+const H_CONNECTION: u16 = 1;
+const H_KEEP_ALIVE: u16 = 1 << 1;
+const H_PROXY_CONNECTION: u16 = 1 << 2;
+const H_TRAILER: u16 = 1 << 3;
+const H_TRANSFER_ENCODING: u16 = 1 << 4;
+const H_TE: u16 = 1 << 5;
+const H_UPGRADE: u16 = 1 << 6;
+const H_XFF: u16 = 1 << 7;
+const H_XFP: u16 = 1 << 8;
+const H_XFH: u16 = 1 << 9;
+const H_FORWARDED: u16 = 1 << 10;
+
+fn presence(headers: &HeaderMap) -> u16 {
+    let mut found = 0;
+    for name in headers.keys() {
+        found |= match name.as_str() {
+            "connection" => H_CONNECTION,
+            "keep-alive" => H_KEEP_ALIVE,
+            "proxy-connection" => H_PROXY_CONNECTION,
+            "trailer" => H_TRAILER,
+            "transfer-encoding" => H_TRANSFER_ENCODING,
+            "te" => H_TE,
+            "upgrade" => H_UPGRADE,
+            "x-forwarded-for" => H_XFF,
+            "x-forwarded-proto" => H_XFP,
+            "x-forwarded-host" => H_XFH,
+            "forwarded" => H_FORWARDED,
+            _ => 0,
+        };
+    }
+    found
+}
+
 /// Remove hop-by-hop headers in place. With `upgrade`, keep `Upgrade` and send
 /// `Connection: upgrade` (the one hop-by-hop exchange a proxy must forward).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1). Collected first because
-    // the map cannot be mutated while borrowed; a tiny fixed array avoids allocating.
-    let mut named: [Option<HeaderName>; 8] = Default::default();
-    let mut n = 0;
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(text) = value.to_str() else { continue };
-        for token in text.split(',') {
-            let token = token.trim();
-            if token.is_empty() || token.eq_ignore_ascii_case("close") {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                if n < named.len() {
-                    named[n] = Some(name);
-                    n += 1;
+    let found = presence(headers);
+    if found & H_CONNECTION != 0 {
+        // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1). Collected first
+        // because the map cannot be mutated while borrowed; a tiny fixed array avoids allocating.
+        let mut named: [Option<HeaderName>; 8] = Default::default();
+        let mut n = 0;
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(text) = value.to_str() else { continue };
+            for token in text.split(',') {
+                let token = token.trim();
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    if n < named.len() {
+                        named[n] = Some(name);
+                        n += 1;
+                    }
                 }
             }
         }
-    }
-    for name in named.iter().flatten() {
-        if upgrade && name == header::UPGRADE {
-            continue;
+        for name in named.iter().flatten() {
+            if upgrade && name == header::UPGRADE {
+                continue;
+            }
+            headers.remove(name);
         }
-        headers.remove(name);
+        headers.remove(header::CONNECTION);
     }
-    headers.remove(header::CONNECTION);
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRAILER);
-    headers.remove(header::TRANSFER_ENCODING);
-    // TE: only "trailers" may pass (gRPC needs it end to end).
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|t| {
-            t.split(',')
-                .any(|x| x.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if found & H_KEEP_ALIVE != 0 {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if found & H_PROXY_CONNECTION != 0 {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if found & H_TRAILER != 0 {
+        headers.remove(header::TRAILER);
+    }
+    if found & H_TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if found & H_TE != 0 {
+        // TE: only "trailers" may pass (gRPC needs it end to end).
+        let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|t| {
+                t.split(',')
+                    .any(|x| x.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if found & H_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
 }
@@ -123,6 +175,10 @@ pub struct ForwardInfo {
     pub proto: HeaderValue,
     /// Peer is a trusted proxy: its forwarding headers are kept and appended to.
     pub trusted: bool,
+    /// This hop's `Forwarded` element for the first host seen (host, value): a keep-alive
+    /// connection nearly always asks for one host, so later requests reuse the value instead
+    /// of building it. Set once, never locked.
+    forwarded_cache: OnceLock<(HeaderValue, HeaderValue)>,
 }
 
 impl ForwardInfo {
@@ -139,21 +195,60 @@ impl ForwardInfo {
             forwarded_prefix,
             proto: HeaderValue::from_static(proto),
             trusted,
+            forwarded_cache: OnceLock::new(),
         }
+    }
+
+    /// This hop's own `Forwarded` element (`for=..;proto=..[;host=".."]`).
+    fn own_forwarded(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+        let host = host.and_then(|h| h.to_str().ok());
+        if let (Some(h), Some((cached_host, value))) = (host, self.forwarded_cache.get()) {
+            if cached_host.as_bytes() == h.as_bytes() {
+                return Some(value.clone());
+            }
+        }
+        let mut buf =
+            BytesMut::with_capacity(self.forwarded_prefix.len() + 10 + host.map_or(0, str::len));
+        buf.put_slice(self.forwarded_prefix.as_bytes());
+        if let Some(host) = host {
+            // `host` is a token or a quoted string; a host with a port has ':' and is quoted.
+            buf.put_slice(b";host=\"");
+            buf.put_slice(host.as_bytes());
+            buf.put_slice(b"\"");
+        }
+        let value = HeaderValue::from_maybe_shared(buf.freeze()).ok()?;
+        if let Some(h) = host {
+            // A copy of the host, not the request's own bytes, which would pin hyper's read
+            // buffer for the connection's lifetime.
+            if let Ok(h) = HeaderValue::from_bytes(h.as_bytes()) {
+                let _ = self.forwarded_cache.set((h, value.clone()));
+            }
+        }
+        Some(value)
     }
 }
 
 /// Add this hop's forwarding headers. From an untrusted peer, incoming ones are dropped first:
 /// a client must not be able to pick the address a backend logs or trusts.
 pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo, host: Option<&HeaderValue>) {
+    let mut found = presence(headers);
     if !info.trusted {
-        headers.remove(&X_FORWARDED_FOR);
-        headers.remove(&X_FORWARDED_PROTO);
-        headers.remove(&X_FORWARDED_HOST);
-        headers.remove(header::FORWARDED);
+        if found & H_XFF != 0 {
+            headers.remove(&X_FORWARDED_FOR);
+        }
+        if found & H_XFP != 0 {
+            headers.remove(&X_FORWARDED_PROTO);
+        }
+        if found & H_XFH != 0 {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+        if found & H_FORWARDED != 0 {
+            headers.remove(header::FORWARDED);
+        }
+        found &= !(H_XFF | H_XFP | H_XFH | H_FORWARDED);
     }
     // X-Forwarded-For: one comma-joined list, previous hops first.
-    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+    let xff = if found & H_XFF != 0 {
         let mut buf = BytesMut::with_capacity(64);
         for v in headers.get_all(&X_FORWARDED_FOR) {
             buf.put_slice(v.as_bytes());
@@ -165,27 +260,28 @@ pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo, host: Option<
         info.peer_ip.clone()
     };
     headers.insert(&X_FORWARDED_FOR, xff);
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if found & H_XFP == 0 {
         headers.insert(&X_FORWARDED_PROTO, info.proto.clone());
     }
     if let Some(host) = host {
-        if !headers.contains_key(&X_FORWARDED_HOST) {
+        if found & H_XFH == 0 {
             headers.insert(&X_FORWARDED_HOST, host.clone());
         }
     }
     // Forwarded: append this hop's element.
+    let Some(own) = info.own_forwarded(host) else {
+        return;
+    };
+    if found & H_FORWARDED == 0 {
+        headers.insert(header::FORWARDED, own);
+        return;
+    }
     let mut buf = BytesMut::with_capacity(96);
     for v in headers.get_all(header::FORWARDED) {
         buf.put_slice(v.as_bytes());
         buf.put_slice(b", ");
     }
-    buf.put_slice(info.forwarded_prefix.as_bytes());
-    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
-        // `host` is a token or a quoted string; a host with a port has ':' and is quoted.
-        buf.put_slice(b";host=\"");
-        buf.put_slice(host.as_bytes());
-        buf.put_slice(b"\"");
-    }
+    buf.put_slice(own.as_bytes());
     if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
         headers.insert(header::FORWARDED, v);
     }
@@ -250,5 +346,66 @@ mod tests {
         assert_eq!(h.get("x-forwarded-for").unwrap(), "6.6.6.6, ::1");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("forwarded").unwrap(), "for=\"[::1]\";proto=https");
+    }
+
+    #[test]
+    fn forwarded_element_is_cached_per_host() {
+        let info = ForwardInfo::new("192.0.2.1".parse().unwrap(), false, false);
+        let a = HeaderValue::from_static("a.example");
+        let b = HeaderValue::from_static("b.example:8080");
+        for (host, want) in [
+            (Some(&a), "for=192.0.2.1;proto=http;host=\"a.example\""),
+            (Some(&a), "for=192.0.2.1;proto=http;host=\"a.example\""),
+            (Some(&b), "for=192.0.2.1;proto=http;host=\"b.example:8080\""),
+            (None, "for=192.0.2.1;proto=http"),
+            (Some(&a), "for=192.0.2.1;proto=http;host=\"a.example\""),
+        ] {
+            let mut h = HeaderMap::new();
+            set_forwarding(&mut h, &info, host);
+            assert_eq!(h.get("forwarded").unwrap(), want);
+            assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.1");
+            assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        }
+        // A trusted peer's previous hops are kept, this hop appended.
+        let info = ForwardInfo::new("10.0.0.1".parse().unwrap(), false, true);
+        let mut h = HeaderMap::new();
+        h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        set_forwarding(&mut h, &info, Some(&a));
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=1.2.3.4, for=10.0.0.1;proto=http;host=\"a.example\""
+        );
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "a.example");
+    }
+
+    #[test]
+    fn hop_by_hop_absent_and_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Upgrade, keep-alive"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("trailer", HeaderValue::from_static("x-t"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        for gone in [
+            "keep-alive",
+            "transfer-encoding",
+            "proxy-connection",
+            "trailer",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} kept");
+        }
     }
 }

@@ -228,7 +228,10 @@ async fn proxy(
     let mut exclude = Exclude::default();
     let mut last_error = ProxyError::NoEndpoint;
     for attempt in 0..max_attempts {
-        let now_ms = clock::now_ms();
+        // One clock read per attempt: the pick and the latency sample share it (the pick takes
+        // well under a microsecond), and `now_ms` derives from the same process clock.
+        let sent_ns = clock::now_ns();
+        let now_ms = sent_ns / 1_000_000;
         let idx = match sticky_idx.filter(|_| attempt == 0) {
             Some(i) => Some(i),
             None => pool.balancer.pick(
@@ -236,7 +239,7 @@ async fn proxy(
                 &PickContext {
                     hash: conn.hash,
                     now_ms,
-                    now_ns: clock::now_ns(),
+                    now_ns: sent_ns,
                     exclude,
                 },
             ),
@@ -283,7 +286,6 @@ async fn proxy(
         };
 
         let in_flight = endpoint.stats.start();
-        let sent_ns = clock::now_ns();
         let fut = client.request(out);
         let result = match spec.timeouts.response {
             Some(limit) => tokio::time::timeout(limit, fut)

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use crate::balance::{Exclude, PickContext};
 use crate::clock;
 use crate::metrics::Metrics;
-use crate::stats::InFlight;
+use crate::stats::{Health, InFlight};
 use crate::table::Pool;
 
 /// Why no upstream connection could be made.
@@ -36,6 +36,32 @@ pub struct Upstream {
     pub in_flight: InFlight,
 }
 
+/// Errors that come from this host running out of something, not from the endpoint.
+fn is_local_exhaustion(err: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    let local = [
+        Errno::MFILE,
+        Errno::NFILE,
+        Errno::NOBUFS,
+        Errno::NOMEM,
+        Errno::ADDRNOTAVAIL,
+    ];
+    err.raw_os_error()
+        .is_some_and(|code| local.iter().any(|e| e.raw_os_error() == code))
+}
+
+/// Panic mode (as Envoy's panic threshold): when every endpoint is passively ejected, a failed
+/// connect is cheaper than refusing everyone, so try the non-excluded endpoint whose ejection
+/// ends first. Endpoints marked down by an active health check stay out.
+fn panic_pick(pool: &Pool, ctx: &PickContext) -> Option<usize> {
+    pool.endpoints
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| !ctx.exclude.contains(*i) && e.stats.health() != Health::Down)
+        .min_by_key(|(_, e)| e.stats.ejected_until_ms())
+        .map(|(i, _)| i)
+}
+
 /// Pick and connect, trying at most `1 + retries` distinct endpoints.
 pub async fn connect(
     pool: &Pool,
@@ -53,7 +79,11 @@ pub async fn connect(
             now_ns: clock::now_ns(),
             exclude,
         };
-        let Some(i) = pool.balancer.pick(&pool.endpoints, &ctx) else {
+        let Some(i) = pool
+            .balancer
+            .pick(&pool.endpoints, &ctx)
+            .or_else(|| panic_pick(pool, &ctx))
+        else {
             break;
         };
         exclude.insert(i);
@@ -76,7 +106,11 @@ pub async fn connect(
             Ok(Err(e)) => e,
             Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
         };
-        endpoint.stats.record_failure(clock::now_ms());
+        // Our own resource exhaustion says nothing about the endpoint: ejecting it would turn a
+        // burst of EMFILE into an outage of the service.
+        if !is_local_exhaustion(&err) {
+            endpoint.stats.record_failure(clock::now_ms());
+        }
         metrics.connect_failures.inc();
         tracing::warn!(endpoint = %endpoint.addr, attempt, error = %err, "upstream connect failed");
         last_err = Some((endpoint.addr, attempt + 1, err));

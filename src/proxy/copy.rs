@@ -3,7 +3,7 @@
 //! On Linux each direction uses splice(2) through a pipe: socket → pipe → socket, so payload
 //! bytes never enter user space. The pipe is made lazily on the first readable event, so an idle
 //! connection costs no pipe (two fds and kernel buffers each). Elsewhere, or if splice is refused
-//! (`EINVAL`), a buffered copy does the same job.
+//! (`EINVAL`), or no pipe can be made (`EMFILE`), a buffered copy does the same job.
 //!
 //! Half-close: when one side sends FIN, the other side's write half is shut down and the opposite
 //! direction keeps flowing until it ends too. An error in either direction ends both.
@@ -48,14 +48,26 @@ pub async fn bidirectional(
     let activity = AtomicU64::new(clock::now_ms());
     let up = one_way(downstream, upstream, &activity);
     let down = one_way(upstream, downstream, &activity);
-    let both = async { tokio::join!(up, down) };
-    tokio::select! {
-        (u, d) = both => {
-            let outcome = if u.is_ok() && d.is_ok() { Outcome::Closed } else { Outcome::Error };
-            let t = Transferred { up: *u.as_ref().unwrap_or(&0), down: *d.as_ref().unwrap_or(&0) };
-            (outcome, t)
+    let idle = idle_watch(idle, &activity);
+    tokio::pin!(up, down, idle);
+    let (mut up_done, mut down_done) = (None, None);
+    // Not `join!`: an error in one direction must end the other too, or a direction waiting for
+    // a peer that will never speak keeps both sockets open forever.
+    loop {
+        tokio::select! {
+            r = &mut up, if up_done.is_none() => match r {
+                Ok(n) => up_done = Some(n),
+                Err(_) => return (Outcome::Error, Transferred::default()),
+            },
+            r = &mut down, if down_done.is_none() => match r {
+                Ok(n) => down_done = Some(n),
+                Err(_) => return (Outcome::Error, Transferred::default()),
+            },
+            _ = &mut idle => return (Outcome::Idle, Transferred::default()),
         }
-        _ = idle_watch(idle, &activity) => (Outcome::Idle, Transferred::default()),
+        if let (Some(up), Some(down)) = (up_done, down_done) {
+            return (Outcome::Closed, Transferred { up, down });
+        }
     }
 }
 
@@ -100,7 +112,11 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64) 
         from.readable().await?;
         let (pipe_r, pipe_w) = match &pipe {
             Some(p) => p,
-            None => pipe.insert(pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?),
+            // No pipe (EMFILE and friends): this direction copies through a buffer instead.
+            None => match pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) {
+                Ok(p) => pipe.insert(p),
+                Err(_) => return Err(io::Error::from(rustix::io::Errno::INVAL)),
+            },
         };
         let n = match from.try_io(Interest::READABLE, || {
             splice(from, None, &*pipe_w, None, CHUNK, flags).map_err(io::Error::from)
@@ -205,6 +221,20 @@ mod tests {
                 down: 5
             }
         );
+    }
+
+    #[tokio::test]
+    async fn error_in_one_direction_ends_both() {
+        // The client never speaks; the server resets. Waiting for the client would leak both
+        // sockets forever.
+        let (_client, p1) = pair().await;
+        let (p2, server) = pair().await;
+        socket2::SockRef::from(&server)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(server);
+        let r = tokio::time::timeout(Duration::from_secs(2), bidirectional(&p1, &p2, None)).await;
+        assert_eq!(r.expect("ended promptly").0, Outcome::Error);
     }
 
     #[tokio::test]
