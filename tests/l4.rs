@@ -412,6 +412,15 @@ async fn thousand_concurrent_connections() {
         table["services"][0]["pools"][0]["endpoints"][0]["in_flight"],
         1000
     );
+    // Idle proxied connections hold their two sockets and no splice pipe (pipes are pooled per
+    // worker thread, at most 64 each, and only lent while a chunk moves).
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", mg.pid()))
+        .unwrap()
+        .count();
+    assert!(
+        fds < 2 * 1000 + 400,
+        "{fds} fds for 1000 idle proxied connections"
+    );
     drop(held);
 }
 

@@ -1,9 +1,10 @@
 //! Moving bytes between two TCP sockets, both directions, with half-close and an idle timeout.
 //!
 //! On Linux each direction uses splice(2) through a pipe: socket → pipe → socket, so payload
-//! bytes never enter user space. The pipe is made lazily on the first readable event, so an idle
-//! connection costs no pipe (two fds and kernel buffers each). Elsewhere, or if splice is refused
-//! (`EINVAL`), or no pipe can be made (`EMFILE`), a buffered copy does the same job.
+//! bytes never enter user space. Pipes come from a per-thread pool and are held only while a
+//! chunk is in flight, so an idle connection costs no pipe (two fds and kernel buffers each).
+//! Elsewhere, or if splice is refused (`EINVAL`), or no pipe can be made (`EMFILE`), a buffered
+//! copy does the same job.
 //!
 //! Half-close: when one side sends FIN, the other side's write half is shut down and the opposite
 //! direction keeps flowing until it ends too. An error in either direction ends both.
@@ -101,31 +102,70 @@ async fn one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64) -> io::
     buffered_one_way(from, to, activity).await
 }
 
+/// Splice pipes kept per worker thread between uses.
+///
+/// A connection holds a pipe only while a chunk is in flight (taken when data is readable,
+/// given back once drained), so an idle proxied connection costs its two sockets and nothing
+/// else, while a busy one makes no pipe2/close syscalls per chunk. Only empty pipes go back.
+#[cfg(target_os = "linux")]
+mod pipes {
+    use std::cell::RefCell;
+    use std::os::fd::OwnedFd;
+
+    use rustix::pipe::{pipe_with, PipeFlags};
+
+    /// Pipes kept per thread: enough for the connections active at once on one worker.
+    const POOL_MAX: usize = 64;
+
+    pub type Pipe = (OwnedFd, OwnedFd);
+
+    thread_local! {
+        static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> std::io::Result<Pipe> {
+        match POOL.with(|p| p.borrow_mut().pop()) {
+            Some(p) => Ok(p),
+            None => Ok(pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?),
+        }
+    }
+
+    /// Return an *empty* pipe for reuse (closed if the pool is full).
+    pub fn give(pipe: Pipe) {
+        POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            if pool.len() < POOL_MAX {
+                pool.push(pipe);
+            }
+        });
+    }
+}
+
 #[cfg(target_os = "linux")]
 async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64) -> io::Result<u64> {
-    use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
+    use rustix::pipe::{splice, SpliceFlags};
 
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-    let mut pipe = None;
     let mut total = 0u64;
     loop {
         from.readable().await?;
-        let (pipe_r, pipe_w) = match &pipe {
-            Some(p) => p,
-            // No pipe (EMFILE and friends): this direction copies through a buffer instead.
-            None => match pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) {
-                Ok(p) => pipe.insert(p),
-                Err(_) => return Err(io::Error::from(rustix::io::Errno::INVAL)),
-            },
+        // No pipe (EMFILE and friends): this direction copies through a buffer instead.
+        let Ok(pipe) = pipes::take() else {
+            return Err(io::Error::from(rustix::io::Errno::INVAL));
         };
         let n = match from.try_io(Interest::READABLE, || {
-            splice(from, None, &*pipe_w, None, CHUNK, flags).map_err(io::Error::from)
+            splice(from, None, &pipe.1, None, CHUNK, flags).map_err(io::Error::from)
         }) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipes::give(pipe);
+                continue;
+            }
+            // On errors the pipe is dropped, not reused: it may hold bytes.
             Err(e) => return Err(e),
         };
         if n == 0 {
+            pipes::give(pipe);
             let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
             return Ok(total);
         }
@@ -133,13 +173,14 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64) 
         while left > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
-                splice(&*pipe_r, None, to, None, left, flags).map_err(io::Error::from)
+                splice(&pipe.0, None, to, None, left, flags).map_err(io::Error::from)
             }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
+        pipes::give(pipe);
         total += n as u64;
         activity.store(clock::now_ms(), Ordering::Relaxed);
     }
