@@ -1,6 +1,7 @@
 //! The response body sent downstream: the upstream body streamed frame by frame (data and
 //! trailers, never buffered) or a small local body, counting bytes. When it ends or is dropped
-//! it releases the endpoint's in-flight count and emits the access log record.
+//! it releases the endpoint's in-flight count and its pooled upstream connection, and emits the
+//! access log record.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::accesslog::{AccessLog, AccessRecord};
+use super::h1pool::PooledConn;
 use crate::stats::InFlight;
 
 /// A record waiting for the end of the response body.
@@ -33,6 +35,8 @@ pub struct ProxyBody {
     bytes: u64,
     log: Option<Box<PendingLog>>,
     in_flight: Option<InFlight>,
+    /// The upstream connection (own HTTP/1 pool), put back when the body is done.
+    conn: Option<PooledConn>,
 }
 
 impl ProxyBody {
@@ -42,7 +46,13 @@ impl ProxyBody {
             bytes: 0,
             log: None,
             in_flight,
+            conn: None,
         }
+    }
+
+    /// Keep the upstream connection until the body is done, then release it to its pool.
+    pub fn set_conn(&mut self, conn: Option<PooledConn>) {
+        self.conn = conn;
     }
 
     pub fn local(body: Bytes) -> ProxyBody {
@@ -51,6 +61,7 @@ impl ProxyBody {
             bytes: 0,
             log: None,
             in_flight: None,
+            conn: None,
         }
     }
 
@@ -60,6 +71,7 @@ impl ProxyBody {
 
     fn finish(&mut self) {
         self.in_flight = None;
+        self.conn = None;
         if let Some(mut pending) = self.log.take() {
             pending.record.bytes = self.bytes;
             pending.record.duration_us =

@@ -135,14 +135,8 @@ pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> ProxyEr
     let mut src = err.source();
     while let Some(e) = src {
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_canceled() {
-                return ProxyError::NotSent;
-            }
-            if h.is_incomplete_message() || h.is_closed() {
-                return ProxyError::ResetBeforeResponse;
-            }
-            if h.is_parse() || h.is_parse_status() {
-                return ProxyError::UpstreamProtocol;
+            if let Some(c) = classify_hyper_kind(h) {
+                return c;
             }
         }
         if e.downcast_ref::<std::io::Error>().is_some() {
@@ -153,6 +147,29 @@ pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> ProxyEr
     // HTTP/2 stream errors (RST_STREAM, GOAWAY) end here: hyper does not expose h2's reason.
     // Treated as a reset: retried only when idempotent, which is safe either way.
     ProxyError::ResetBeforeResponse
+}
+
+fn classify_hyper_kind(h: &hyper::Error) -> Option<ProxyError> {
+    if h.is_canceled() {
+        Some(ProxyError::NotSent)
+    } else if h.is_incomplete_message() || h.is_closed() {
+        Some(ProxyError::ResetBeforeResponse)
+    } else if h.is_parse() || h.is_parse_status() {
+        Some(ProxyError::UpstreamProtocol)
+    } else {
+        None
+    }
+}
+
+/// Classify an error of a hyper HTTP/1 connection (meshgate's own pool) whose request was NOT
+/// handed back (`try_send_request` returns never-written requests, and those are `NotSent`):
+/// the request may have been written, so even hyper's "canceled" (connection task gone) is a
+/// reset, retried only for idempotent methods; so is anything not recognised (I/O errors).
+pub fn classify_hyper_error(err: &hyper::Error) -> ProxyError {
+    match classify_hyper_kind(err) {
+        Some(ProxyError::NotSent) | None => ProxyError::ResetBeforeResponse,
+        Some(c) => c,
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 pub mod accesslog;
 pub mod body;
 pub mod error;
+pub mod h1pool;
 pub mod headers;
 pub mod passthrough;
 pub mod proxy;

@@ -220,10 +220,6 @@ async fn proxy(
         Either::Left(body)
     });
     let mut parts = Some(parts);
-    let client = conn
-        .ctx
-        .upstreams
-        .client(target.protocol, spec.timeouts.connect);
     let pool = target.pool();
     let mut exclude = Exclude::default();
     let mut last_error = ProxyError::NoEndpoint;
@@ -265,38 +261,72 @@ async fn proxy(
             Either::Right(Empty::new())
         };
         let mut out = Request::from_parts(head, out_body);
-        let scheme = if target.protocol == HttpUpstream::Https {
-            http::uri::Scheme::HTTPS
+        let own_pool = target.protocol == HttpUpstream::Http1;
+        if own_pool {
+            // Our own HTTP/1 connection: the URI is written as is, so origin-form.
+            if out.uri().scheme().is_some() || out.uri().path_and_query().is_none() {
+                let pq = out
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+                *out.uri_mut() = Uri::from(pq);
+            }
+            *out.version_mut() = Version::HTTP_11;
         } else {
-            http::uri::Scheme::HTTP
-        };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(scheme);
-        uri.authority = Some(target.authorities[idx].clone());
-        uri.path_and_query = out
-            .uri()
-            .path_and_query()
-            .cloned()
-            .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-        *out.uri_mut() = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
-        *out.version_mut() = if target.protocol == HttpUpstream::H2c {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
+            let scheme = if target.protocol == HttpUpstream::Https {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            };
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(scheme);
+            uri.authority = Some(target.authorities[idx].clone());
+            uri.path_and_query = out
+                .uri()
+                .path_and_query()
+                .cloned()
+                .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+            *out.uri_mut() = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
+            *out.version_mut() = if target.protocol == HttpUpstream::H2c {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+        }
 
         let in_flight = endpoint.stats.start();
-        let fut = client.request(out);
-        let result = match spec.timeouts.response {
-            Some(limit) => tokio::time::timeout(limit, fut)
-                .await
-                .map_err(|_| ProxyError::ResponseTimeout)
-                .and_then(|r| r.map_err(|e| classify_client_error(&e))),
-            None => fut.await.map_err(|e| classify_client_error(&e)),
+        let result = if own_pool {
+            let fut = conn
+                .ctx
+                .upstreams
+                .h1
+                .send(endpoint.addr, spec.timeouts.connect, out);
+            match spec.timeouts.response {
+                Some(limit) => tokio::time::timeout(limit, fut)
+                    .await
+                    .map_err(|_| ProxyError::ResponseTimeout)
+                    .and_then(|r| r.map(|(resp, c)| (resp, Some(c)))),
+                None => fut.await.map(|(resp, c)| (resp, Some(c))),
+            }
+        } else {
+            let fut = conn
+                .ctx
+                .upstreams
+                .client(target.protocol, spec.timeouts.connect)
+                .request(out);
+            match spec.timeouts.response {
+                Some(limit) => tokio::time::timeout(limit, fut)
+                    .await
+                    .map_err(|_| ProxyError::ResponseTimeout)
+                    .and_then(|r| r.map_err(|e| classify_client_error(&e))),
+                None => fut.await.map_err(|e| classify_client_error(&e)),
+            }
+            .map(|resp| (resp, None))
         };
         let now_ns = clock::now_ns();
         match result {
-            Ok(mut resp) => {
+            Ok((mut resp, pooled)) => {
                 endpoint.stats.record_success();
                 endpoint.stats.record_latency(now_ns - sent_ns, now_ns);
                 if let Some(rec) = record.as_deref_mut() {
@@ -305,6 +335,10 @@ async fn proxy(
                 let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if let (true, Some(down)) = (switching, downstream_upgrade) {
                     let up = hyper::upgrade::on(&mut resp);
+                    // The connection now belongs to the tunnel.
+                    if let Some(c) = pooled {
+                        c.discard();
+                    }
                     let shutdown = conn.shutdown.clone();
                     tokio::spawn(tunnel(down, up, in_flight, shutdown));
                     strip_hop_by_hop(resp.headers_mut(), true);
@@ -317,7 +351,11 @@ async fn proxy(
                             .append(header::SET_COOKIE, sticky.set_cookie[idx].clone());
                     }
                 }
-                return Ok(resp.map(|b| ProxyBody::upstream(b, Some(in_flight))));
+                return Ok(resp.map(|b| {
+                    let mut body = ProxyBody::upstream(b, Some(in_flight));
+                    body.set_conn(pooled);
+                    body
+                }));
             }
             Err(e) => {
                 if e.is_connect_failure() {

@@ -1,6 +1,7 @@
-//! Pooled clients towards endpoints: hyper-util's pooled `Client` (keep-alive per endpoint
-//! authority `ip:port`) over our own connector (TCP with a connect timeout, optional TLS with
-//! ALPN h2/http1.1).
+//! Pooled clients towards endpoints. Plain HTTP/1.1 endpoints (the default) use meshgate's own
+//! pool ([`super::h1pool`]); h2c and https endpoints use hyper-util's pooled `Client`
+//! (keep-alive per endpoint authority `ip:port`) over our own connector (TCP with a connect
+//! timeout, optional TLS with ALPN h2/http1.1).
 //!
 //! One client per (protocol, connect timeout): services with the same settings share pools, and
 //! the pool of an endpoint survives table swaps because it is keyed by address, not by table.
@@ -42,6 +43,8 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The pooled clients.
 pub struct Upstreams {
+    /// meshgate's own pool for plain HTTP/1.1 endpoints (the default, and the hot path).
+    pub h1: super::h1pool::H1Pool,
     clients: ArcSwap<Vec<((HttpUpstream, Duration), UpstreamClient)>>,
     insert: Mutex<()>,
     tls: Option<TlsConnector>,
@@ -50,6 +53,7 @@ pub struct Upstreams {
 impl std::fmt::Debug for Upstreams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstreams")
+            .field("h1", &self.h1)
             .field("clients", &self.clients.load().len())
             .finish()
     }
@@ -58,6 +62,7 @@ impl std::fmt::Debug for Upstreams {
 impl Upstreams {
     pub fn new(tls: Option<Arc<rustls::ClientConfig>>) -> Upstreams {
         Upstreams {
+            h1: super::h1pool::H1Pool::default(),
             clients: ArcSwap::from_pointee(Vec::new()),
             insert: Mutex::new(()),
             tls: tls.map(TlsConnector::from),
