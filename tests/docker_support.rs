@@ -158,9 +158,36 @@ async fn build_test_image() -> String {
     } else {
         panic!("no static backend: build meshgate-echo statically (docker/build-image.sh) or apt-get install busybox-static");
     };
+    docker_import(root.path(), &[cmd, "EXPOSE 80"], &tag).await;
+    tag
+}
+
+/// Every swarm test holds this lock: one machine has one swarm, so they run one at a time.
+pub const SWARM_LOCK: &str = "/tmp/meshgate-swarm.lock";
+
+/// Take the exclusive swarm lock (waits for another test holding it); released on drop.
+pub async fn swarm_lock() -> std::fs::File {
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(SWARM_LOCK)
+        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        lock_file
+    })
+    .await
+    .unwrap()
+}
+
+/// `docker import` the directory `root` as image `tag`, with Dockerfile `changes`
+/// (`CMD [...]`, `EXPOSE 80`, …); panics with docker's stderr on failure.
+pub async fn docker_import(root: &Path, changes: &[&str], tag: &str) {
+    let changes: String = changes.iter().map(|c| format!(" -c '{c}'")).collect();
     let script = format!(
-        "tar -C {} -c . | docker import -c '{cmd}' -c 'EXPOSE 80' - {tag}",
-        root.path().display()
+        "tar -C {} -c . | docker import{changes} - {tag}",
+        root.display()
     );
     let out = tokio::process::Command::new("sh")
         .args(["-c", &script])
@@ -172,7 +199,6 @@ async fn build_test_image() -> String {
         "docker import: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    tag
 }
 
 /// A provider update stamped with its arrival time.

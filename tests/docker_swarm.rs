@@ -20,7 +20,6 @@ use support::*;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
-const LOCK: &str = "/tmp/meshgate-swarm.lock";
 
 /// Leaves the swarm (and removes what the test made) whatever happens.
 struct SwarmGuard {
@@ -117,18 +116,7 @@ async fn swarm_provider_phases() {
     if !engine_available("swarm_provider_phases") {
         return;
     }
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LOCK)
-        .unwrap();
-    let lock_file = tokio::task::spawn_blocking(move || {
-        rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive).unwrap();
-        lock_file
-    })
-    .await
-    .unwrap();
+    let lock_file = swarm_lock().await;
 
     let pid = std::process::id();
     let prefix = format!("mgt{pid}");

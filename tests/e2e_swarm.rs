@@ -29,11 +29,10 @@ use std::time::{Duration, Instant};
 use e2e::*;
 use support::{
     docker, docker_sync, engine_available, percentiles, report, start_relay, stop_relay,
-    try_docker, which,
+    swarm_lock, try_docker, which,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-const LOCK: &str = "/tmp/meshgate-swarm.lock";
 /// Ports inside the meshgate container.
 const L4: u16 = 8080;
 const HTTP: u16 = 8000;
@@ -302,18 +301,7 @@ async fn e2e_swarm() {
         return;
     }
     let image = e2e_image().await;
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LOCK)
-        .unwrap();
-    let lock_file = tokio::task::spawn_blocking(move || {
-        rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive).unwrap();
-        lock_file
-    })
-    .await
-    .unwrap();
+    let lock_file = swarm_lock().await;
 
     let pid = std::process::id();
     let prefix = format!("mgs{pid}");

@@ -157,22 +157,11 @@ pub async fn e2e_image() -> String {
             std::fs::copy(&yaml, r.join("etc/meshgate/meshgate.yaml")).unwrap();
             std::fs::copy(&busybox, r.join("bin/busybox")).unwrap();
             std::os::unix::fs::symlink("busybox", r.join("bin/sh")).unwrap();
-            let script = format!(
-                "tar -C {} -c . | docker import \
-                 -c 'ENTRYPOINT [\"/meshgate\"]' \
-                 -c 'CMD [\"run\",\"--config\",\"/etc/meshgate/meshgate.yaml\"]' - {tag}",
-                r.display()
-            );
-            let out = tokio::process::Command::new("sh")
-                .args(["-c", &script])
-                .output()
-                .await
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "docker import: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let changes = [
+                r#"ENTRYPOINT ["/meshgate"]"#,
+                r#"CMD ["run","--config","/etc/meshgate/meshgate.yaml"]"#,
+            ];
+            crate::support::docker_import(r, &changes, &tag).await;
             tag
         })
         .await
