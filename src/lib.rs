@@ -23,12 +23,16 @@
 //! - [`listener`]: opens and closes listeners at runtime, drains on removal.
 //! - [`balance`]: endpoint picking (round robin, least-conn, P2C peak-EWMA, Maglev).
 //! - [`proxy`]: TCP (splice) and UDP proxying.
+//! - [`http`]: L7 entrypoints and routers; plain HTTP/1.1 on its own byte-level engine
+//!   ([`http::fast1`]), the rest (HTTP/2, TLS, upgrades) on hyper.
 //!
 //! - [`health`]: active health checks (control path), marking endpoints down and up.
 //!
 //! Shared: [`stats`] (per-endpoint atomics that survive table swaps), [`clock`], [`metrics`],
-//! [`admin`] (admin API + Prometheus), [`echo`] (the project's own test backend).
-#![forbid(unsafe_code)]
+//! [`admin`] (admin API + Prometheus), [`echo`] (the project's own test backend), [`memtrim`]
+//! (open-connection count; returns freed heap memory after connections close).
+// One exception, allowed where it stands: the FFI call to glibc's `malloc_trim` ([`memtrim`]).
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod balance;
@@ -40,6 +44,7 @@ pub mod echo;
 pub mod health;
 pub mod http;
 pub mod listener;
+pub mod memtrim;
 pub mod metrics;
 pub mod model;
 pub mod provider;

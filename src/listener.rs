@@ -293,13 +293,18 @@ fn spawn_connection(
                 tracing::debug!(listener = %key, "no route (table changing); closing");
                 return;
             };
-            tracker.spawn(crate::proxy::tcp::proxy_connection(
+            let guard = crate::memtrim::ConnGuard::new();
+            let proxied = crate::proxy::tcp::proxy_connection(
                 route,
                 stream,
                 peer,
                 Arc::clone(&ctx.metrics),
                 hard_stop.clone(),
-            ));
+            );
+            tracker.spawn(async move {
+                let _open = guard;
+                proxied.await
+            });
         }
         ListenKind::Http => {
             // HTTP gets two signals: `graceful` (listener removed or shutdown: finish in-flight
@@ -313,7 +318,9 @@ fn spawn_connection(
                 graceful.clone(),
             );
             let hard_stop = hard_stop.clone();
+            let guard = crate::memtrim::ConnGuard::new();
             tracker.spawn(async move {
+                let _open = guard;
                 tokio::select! {
                     _ = serve => {}
                     _ = hard_stop.cancelled() => {}

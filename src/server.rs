@@ -73,6 +73,7 @@ pub async fn run(
         tokio::spawn(admin::serve(listener, state, background.clone()));
     }
     start_demo(&config, &background).await?;
+    crate::memtrim::spawn_trimmer();
     if config.dns.enabled {
         let dns = crate::dns::DnsServer::bind(config.dns.clone()).await?;
         let (table, stop) = (Arc::clone(&table), background.clone());

@@ -39,25 +39,43 @@ pub const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
 type Sender = SendRequest<UpstreamBody>;
 
-/// The idle connections of one endpoint, most recently used last.
-#[derive(Default)]
-struct Idle {
-    conns: Mutex<Vec<(Sender, Instant)>>,
+/// An idle upstream connection that can tell whether it is still usable without blocking.
+pub trait Reusable: Send + 'static {
+    fn alive(&self) -> bool;
 }
 
-impl Idle {
-    /// A ready idle connection, discarding closed and expired ones met on the way.
-    fn pop(&self, now: Instant) -> Option<Sender> {
+impl Reusable for Sender {
+    fn alive(&self) -> bool {
+        self.is_ready()
+    }
+}
+
+/// The idle connections of one endpoint, most recently used last.
+pub struct Idle<T> {
+    conns: Mutex<Vec<(T, Instant)>>,
+}
+
+impl<T> Default for Idle<T> {
+    fn default() -> Self {
+        Idle {
+            conns: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<T: Reusable> Idle<T> {
+    /// A usable idle connection, discarding closed and expired ones met on the way.
+    pub fn pop(&self, now: Instant) -> Option<T> {
         let mut conns = self.conns.lock().expect("idle list poisoned");
         while let Some((s, since)) = conns.pop() {
-            if s.is_ready() && now.saturating_duration_since(since) < IDLE_TIMEOUT {
+            if now.saturating_duration_since(since) < IDLE_TIMEOUT && s.alive() {
                 return Some(s);
             }
         }
         None
     }
 
-    fn push(&self, s: Sender) {
+    pub fn push(&self, s: T) {
         let mut conns = self.conns.lock().expect("idle list poisoned");
         if conns.len() < MAX_IDLE_PER_ENDPOINT {
             conns.push((s, Instant::now()));
@@ -67,9 +85,8 @@ impl Idle {
     /// Drop closed and expired connections; true when nothing is left.
     fn sweep(&self, now: Instant) -> bool {
         let mut conns = self.conns.lock().expect("idle list poisoned");
-        conns.retain(|(s, since)| {
-            s.is_ready() && now.saturating_duration_since(*since) < IDLE_TIMEOUT
-        });
+        conns
+            .retain(|(s, since)| s.alive() && now.saturating_duration_since(*since) < IDLE_TIMEOUT);
         conns.is_empty()
     }
 }
@@ -98,19 +115,69 @@ impl Hasher for AddrHasher {
     }
 }
 
-type IdleMap = HashMap<SocketAddr, Arc<Idle>, BuildHasherDefault<AddrHasher>>;
+type IdleMap<T> = HashMap<SocketAddr, Arc<Idle<T>>, BuildHasherDefault<AddrHasher>>;
+
+/// Every endpoint's idle stack, reached through a copy-on-write map (written only when an
+/// endpoint is first used).
+pub struct EndpointPools<T> {
+    map: ArcSwap<IdleMap<T>>,
+    insert: Mutex<()>,
+}
+
+impl<T> Default for EndpointPools<T> {
+    fn default() -> Self {
+        EndpointPools {
+            map: ArcSwap::default(),
+            insert: Mutex::new(()),
+        }
+    }
+}
+
+impl<T: Reusable> EndpointPools<T> {
+    /// The idle stack of `addr`, created on first use.
+    pub fn idle(&self, addr: SocketAddr) -> Arc<Idle<T>> {
+        if let Some(i) = self.map.load().get(&addr) {
+            return Arc::clone(i);
+        }
+        let _guard = self.insert.lock().expect("pool insert poisoned");
+        let current = self.map.load_full();
+        if let Some(i) = current.get(&addr) {
+            return Arc::clone(i);
+        }
+        // Rare (first request to a new endpoint): also forget endpoints with nothing idle left,
+        // so the map tracks the endpoints in use rather than every endpoint ever seen.
+        let now = Instant::now();
+        let mut next: IdleMap<T> = current
+            .iter()
+            .filter(|(_, i)| Arc::strong_count(i) > 1 || !i.sweep(now))
+            .map(|(a, i)| (*a, Arc::clone(i)))
+            .collect();
+        let idle = Arc::new(Idle::default());
+        next.insert(addr, Arc::clone(&idle));
+        self.map.store(Arc::new(next));
+        idle
+    }
+
+    /// Endpoints with an idle stack.
+    pub fn len(&self) -> usize {
+        self.map.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// All endpoints' idle connections.
 #[derive(Default)]
 pub struct H1Pool {
-    map: ArcSwap<IdleMap>,
-    insert: Mutex<()>,
+    pools: EndpointPools<Sender>,
 }
 
 impl std::fmt::Debug for H1Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("H1Pool")
-            .field("endpoints", &self.map.load().len())
+            .field("endpoints", &self.pools.len())
             .finish()
     }
 }
@@ -118,7 +185,7 @@ impl std::fmt::Debug for H1Pool {
 /// A checked-out connection: put back on its endpoint's idle stack when dropped, if reusable.
 pub struct PooledConn {
     sender: Option<Sender>,
-    idle: Arc<Idle>,
+    idle: Arc<Idle<Sender>>,
 }
 
 impl PooledConn {
@@ -160,27 +227,8 @@ impl Drop for PooledConn {
 }
 
 impl H1Pool {
-    fn idle(&self, addr: SocketAddr) -> Arc<Idle> {
-        if let Some(i) = self.map.load().get(&addr) {
-            return Arc::clone(i);
-        }
-        let _guard = self.insert.lock().expect("h1 pool insert poisoned");
-        let current = self.map.load_full();
-        if let Some(i) = current.get(&addr) {
-            return Arc::clone(i);
-        }
-        // Rare (first request to a new endpoint): also forget endpoints with nothing idle left,
-        // so the map tracks the endpoints in use rather than every endpoint ever seen.
-        let now = Instant::now();
-        let mut next: IdleMap = current
-            .iter()
-            .filter(|(_, i)| Arc::strong_count(i) > 1 || !i.sweep(now))
-            .map(|(a, i)| (*a, Arc::clone(i)))
-            .collect();
-        let idle = Arc::new(Idle::default());
-        next.insert(addr, Arc::clone(&idle));
-        self.map.store(Arc::new(next));
-        idle
+    fn idle(&self, addr: SocketAddr) -> Arc<Idle<Sender>> {
+        self.pools.idle(addr)
     }
 
     /// Send `req` (origin-form URI, `Host` set) to `addr` on an idle connection or a new one.
@@ -229,15 +277,7 @@ impl H1Pool {
 
 /// A new connection to `addr` with its connection task spawned.
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ProxyError> {
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            tracing::debug!(endpoint = %addr, error = %e, "connect failed");
-            return Err(ProxyError::ConnectFailed);
-        }
-        Err(_) => return Err(ProxyError::ConnectTimeout),
-    };
-    let _ = tcp.set_nodelay(true);
+    let tcp = connect_tcp(addr, timeout).await?;
     let (sender, conn) = http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|_| ProxyError::ConnectFailed)?;
@@ -247,6 +287,20 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ProxyErr
         }
     });
     Ok(sender)
+}
+
+/// A new TCP connection to `addr` (TCP_NODELAY set), classified on failure.
+pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            tracing::debug!(endpoint = %addr, error = %e, "connect failed");
+            return Err(ProxyError::ConnectFailed);
+        }
+        Err(_) => return Err(ProxyError::ConnectTimeout),
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 #[cfg(test)]

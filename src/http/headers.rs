@@ -200,27 +200,27 @@ impl ForwardInfo {
     }
 
     /// This hop's own `Forwarded` element (`for=..;proto=..[;host=".."]`).
-    fn own_forwarded(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
-        let host = host.and_then(|h| h.to_str().ok());
+    pub(crate) fn own_forwarded(&self, host: Option<&[u8]>) -> Option<HeaderValue> {
+        let host = host.filter(|h| h.iter().all(|b| b.is_ascii_graphic() && *b != b'"'));
         if let (Some(h), Some((cached_host, value))) = (host, self.forwarded_cache.get()) {
-            if cached_host.as_bytes() == h.as_bytes() {
+            if cached_host.as_bytes() == h {
                 return Some(value.clone());
             }
         }
         let mut buf =
-            BytesMut::with_capacity(self.forwarded_prefix.len() + 10 + host.map_or(0, str::len));
+            BytesMut::with_capacity(self.forwarded_prefix.len() + 10 + host.map_or(0, <[u8]>::len));
         buf.put_slice(self.forwarded_prefix.as_bytes());
         if let Some(host) = host {
             // `host` is a token or a quoted string; a host with a port has ':' and is quoted.
             buf.put_slice(b";host=\"");
-            buf.put_slice(host.as_bytes());
+            buf.put_slice(host);
             buf.put_slice(b"\"");
         }
         let value = HeaderValue::from_maybe_shared(buf.freeze()).ok()?;
         if let Some(h) = host {
             // A copy of the host, not the request's own bytes, which would pin hyper's read
             // buffer for the connection's lifetime.
-            if let Ok(h) = HeaderValue::from_bytes(h.as_bytes()) {
+            if let Ok(h) = HeaderValue::from_bytes(h) {
                 let _ = self.forwarded_cache.set((h, value.clone()));
             }
         }
@@ -269,7 +269,7 @@ pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo, host: Option<
         }
     }
     // Forwarded: append this hop's element.
-    let Some(own) = info.own_forwarded(host) else {
+    let Some(own) = info.own_forwarded(host.map(HeaderValue::as_bytes)) else {
         return;
     };
     if found & H_FORWARDED == 0 {

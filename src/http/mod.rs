@@ -3,7 +3,11 @@
 //! Flow of one downstream connection ([`serve_connection`]):
 //! 1. [`server`]: TLS handshake with the SNI certificate store ([`tls`]) on https entrypoints,
 //!    protocol choice (ALPN or the h2 preface), hyper HTTP/1.1 or HTTP/2 server with limits.
-//!    On `tls_passthrough` entrypoints [`passthrough`] routes the raw TLS bytes by SNI instead.
+//!    Plain-text HTTP/1.1 first goes through [`fast1`], meshgate's own byte-level HTTP/1 proxy
+//!    (the hot path: no hyper on either leg), which hands the connection to hyper for anything
+//!    it does not take (HTTP/1.0, upgrades, `Expect`, header rules, sticky cookies, h2c/https
+//!    upstreams…). On `tls_passthrough` entrypoints [`passthrough`] routes the raw TLS bytes by
+//!    SNI instead.
 //! 2. [`proxy`]: per request, route lookup in the current table's [`router::HttpTable`]
 //!    (rules from [`rule`]), endpoint pick, header hygiene ([`headers`]), forwarding through
 //!    the pooled clients ([`upstream`]) with retries; every failure is a [`error::ProxyError`].
@@ -15,6 +19,7 @@
 pub mod accesslog;
 pub mod body;
 pub mod error;
+pub mod fast1;
 pub mod h1pool;
 pub mod headers;
 pub mod passthrough;

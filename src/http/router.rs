@@ -203,6 +203,9 @@ pub struct CompiledRouter {
 #[derive(Debug)]
 pub struct EntrypointTable {
     pub settings: Arc<EntrypointSettings>,
+    /// Some router's rule matches on request headers (the HTTP/1 fast path then hands the
+    /// request to hyper, which parses them into a map).
+    pub uses_headers: bool,
     routers: Box<[CompiledRouter]>,
     exact: HashMap<Box<str>, Box<[u32]>>,
     wildcard: HashMap<Box<str>, Box<[u32]>>,
@@ -252,6 +255,7 @@ impl EntrypointTable {
         let catch_all = candidates(&|_| false);
         EntrypointTable {
             settings: Arc::new(settings),
+            uses_headers: routers.iter().any(|r| r.rule.uses_headers()),
             routers: routers.into_boxed_slice(),
             exact,
             wildcard,

@@ -117,6 +117,16 @@ impl Rule {
         }
     }
 
+    /// Does matching look at request headers (other than the host)?
+    pub fn uses_headers(&self) -> bool {
+        match self {
+            Rule::And(a, b) | Rule::Or(a, b) => a.uses_headers() || b.uses_headers(),
+            Rule::Not(a) => a.uses_headers(),
+            Rule::Header(..) => true,
+            _ => false,
+        }
+    }
+
     /// The hosts a request MUST have for this rule to match, or `None` if any host may match.
     /// Used to index routers by host; the full rule is still evaluated on every candidate.
     pub fn required_hosts(&self) -> Option<Vec<HostPattern>> {

@@ -11,25 +11,20 @@ use tokio::net::TcpStream;
 
 use super::proxy::{handle, ConnState};
 
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Sent when a client started a request head and did not finish it in time (slowloris).
 /// hyper only closes the connection on its header timeout; a client deserves to know why.
-const RESPONSE_408: &[u8] =
+pub(super) const RESPONSE_408: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// hyper's HTTP/1 read buffer cannot be smaller than this.
 const MIN_H1_BUF: usize = 8192;
 
-/// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge when the client opens with the preface.
+/// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge when the client opens with the preface
+/// (recognised by [`super::fast1`] from the first bytes it reads, without a separate peek).
 pub(crate) async fn serve_plain(conn: Arc<ConnState>, stream: TcpStream) {
-    let limit = conn.settings.header_read_timeout;
-    match tokio::time::timeout(limit, starts_with_h2_preface(&stream)).await {
-        Ok(Ok(true)) => serve_h2(conn, stream).await,
-        Ok(Ok(false)) => serve_h1(conn, stream).await,
-        // Silent or broken client: nothing was asked, nothing to answer.
-        _ => {}
-    }
+    super::fast1::serve(conn, stream).await
 }
 
 /// TLS: handshake (bounded by the header timeout), then ALPN picks the protocol.
@@ -59,24 +54,7 @@ pub(crate) async fn serve_tls(
     }
 }
 
-/// Peek until the first bytes either diverge from the HTTP/2 preface or complete it.
-async fn starts_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut buf = [0u8; 24];
-    loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 || buf[..n] != H2_PREFACE[..n] {
-            return Ok(false);
-        }
-        if n == H2_PREFACE.len() {
-            return Ok(true);
-        }
-        // A partial preface (rare: it is sent in one segment): wait briefly for the rest
-        // instead of spinning on peek, which returns at once while data is pending.
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
-}
-
-async fn serve_h1<S>(conn: Arc<ConnState>, io: S)
+pub(super) async fn serve_h1<S>(conn: Arc<ConnState>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -118,7 +96,7 @@ where
     }
 }
 
-async fn serve_h2<S>(conn: Arc<ConnState>, io: S)
+pub(super) async fn serve_h2<S>(conn: Arc<ConnState>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -45,6 +45,8 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub struct Upstreams {
     /// meshgate's own pool for plain HTTP/1.1 endpoints (the default, and the hot path).
     pub h1: super::h1pool::H1Pool,
+    /// Bare keep-alive connections of the HTTP/1 fast path ([`super::fast1`]).
+    pub raw: super::h1pool::EndpointPools<tokio::net::TcpStream>,
     clients: ArcSwap<Vec<((HttpUpstream, Duration), UpstreamClient)>>,
     insert: Mutex<()>,
     tls: Option<TlsConnector>,
@@ -63,6 +65,7 @@ impl Upstreams {
     pub fn new(tls: Option<Arc<rustls::ClientConfig>>) -> Upstreams {
         Upstreams {
             h1: super::h1pool::H1Pool::default(),
+            raw: super::h1pool::EndpointPools::default(),
             clients: ArcSwap::from_pointee(Vec::new()),
             insert: Mutex::new(()),
             tls: tls.map(TlsConnector::from),

@@ -37,8 +37,11 @@ pub struct Transferred {
     pub down: u64,
 }
 
-/// Largest chunk moved per splice call: the default pipe capacity.
-const CHUNK: usize = 64 * 1024;
+/// Largest chunk moved per splice call: the capacity asked for each pipe (Linux's default
+/// `pipe-max-size`). A bulk stream then moves up to 1 MiB per pair of splices instead of the
+/// default pipe's 64 KiB; the pipe only references the socket's pages, and an empty pooled
+/// pipe holds no data pages.
+const CHUNK: usize = 1024 * 1024;
 
 /// Proxy until both directions close, the idle timeout passes, or an error.
 pub async fn bidirectional(
@@ -126,7 +129,12 @@ mod pipes {
     pub fn take() -> std::io::Result<Pipe> {
         match POOL.with(|p| p.borrow_mut().pop()) {
             Some(p) => Ok(p),
-            None => Ok(pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?),
+            None => {
+                let pipe = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+                // Best effort: a smaller pipe (limits, old kernels) still works.
+                let _ = rustix::pipe::fcntl_setpipe_size(&pipe.1, super::CHUNK);
+                Ok(pipe)
+            }
         }
     }
 

@@ -1,0 +1,1448 @@
+//! The HTTP/1.1 fast path: plain HTTP/1.1 requests to plain HTTP/1.1 upstreams, proxied at the
+//! byte level the way HAProxy does it, instead of through hyper on both legs.
+//!
+//! Per request: parse the head in place (httparse, no allocation), route, write ONE new head
+//! (hop-by-hop headers out, forwarding headers in) and the body bytes already read, read the
+//! response head, rewrite it the same way, and relay the body with its own framing
+//! (`Content-Length`, chunked passed through verbatim, or until close). One task per client
+//! connection drives both legs, so a keep-alive request costs four socket syscalls and no
+//! task wake-ups between legs. Upstream connections are bare `TcpStream`s in the per-endpoint
+//! [`EndpointPools`]; an idle one is checked with a non-blocking `MSG_PEEK` before reuse.
+//!
+//! An idle client connection holds no buffer: buffers come from a small per-thread cache when
+//! the client's next bytes arrive and go back when the exchange is over.
+//!
+//! Anything this path does not handle is handed, with the bytes already read, to the hyper
+//! path (`server::serve_h1`) for the rest of the connection: HTTP/1.0, `Upgrade`, `Expect`,
+//! `CONNECT` and absolute-form targets, transfer codings other than `chunked`, routers with
+//! header rules or sticky cookies, HTTPS redirects, and h2c/https upstreams. hyper stays the
+//! reference implementation; this path must answer exactly what it would.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::accesslog::{unix_ms, AccessRecord};
+use super::error::{is_idempotent, ProxyError};
+use super::h1pool::{connect_tcp, Reusable};
+use super::proxy::ConnState;
+use super::router::Target;
+use super::rule::RequestView;
+use crate::balance::{Exclude, PickContext};
+use crate::clock;
+use crate::model::HttpUpstream;
+
+/// Headers parsed per head on the stack; an entrypoint allowing more uses hyper.
+const MAX_PARSED_HEADERS: usize = 128;
+/// Largest upstream response head.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read buffer size (grown up to the head limits when a head needs it).
+const BUF_SIZE: usize = 16 * 1024;
+/// Largest chunk-size line extension or trailer section passed through.
+const MAX_CHUNK_META: usize = 8 * 1024;
+
+impl Reusable for TcpStream {
+    /// Still open and silent. A connection goes idle right after the short read that ended
+    /// its response, which cleared its read readiness ([`read_some`]); tokio's I/O driver sets
+    /// it again when epoll reports an EOF or stray bytes, so this costs no syscall (HAProxy,
+    /// too, trusts its poller here). A connection whose readiness was not cleared is not reused.
+    fn alive(&self) -> bool {
+        matches!(
+            self.try_io(tokio::io::Interest::READABLE, || Ok(())),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+}
+
+/// Per-thread cache of read buffers, so that a request costs no allocation and an idle
+/// connection holds none.
+mod bufs {
+    use super::*;
+
+    const CACHE_MAX: usize = 64;
+
+    thread_local! {
+        static CACHE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Vec<u8> {
+        CACHE
+            .with(|c| c.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+    }
+
+    pub fn give(mut b: Vec<u8>) {
+        if b.capacity() == 0 || b.capacity() > 4 * BUF_SIZE {
+            return;
+        }
+        b.clear();
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() < CACHE_MAX {
+                c.push(b);
+            }
+        });
+    }
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Follows chunked framing (RFC 9112 §7.1) over bytes passed through unchanged, to find where
+/// the message ends.
+#[derive(Debug, Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+    meta: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    EndLf,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct BadChunk;
+
+impl Chunked {
+    /// Scan the next bytes of the body: `Some(n)` when the message ends after `n` of them,
+    /// `None` when all belong to it and more are needed.
+    fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, BadChunk> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.state {
+                Size => match (b as char).to_digit(16) {
+                    Some(v) => {
+                        if self.digits >= 15 {
+                            return Err(BadChunk);
+                        }
+                        self.size = self.size * 16 + u64::from(v);
+                        self.digits += 1;
+                    }
+                    None if self.digits == 0 => return Err(BadChunk),
+                    None => match b {
+                        b';' | b' ' | b'\t' => self.state = Ext,
+                        b'\r' => self.state = SizeLf,
+                        _ => return Err(BadChunk),
+                    },
+                },
+                Ext => match b {
+                    b'\r' => self.state = SizeLf,
+                    b'\n' => return Err(BadChunk),
+                    _ => self.meta_byte()?,
+                },
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err(BadChunk);
+                    }
+                    self.state = if self.size == 0 { TrailerStart } else { Data };
+                }
+                Data => {
+                    let take = self.size.min((data.len() - i) as u64);
+                    self.size -= take;
+                    i += take as usize;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return Err(BadChunk);
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err(BadChunk);
+                    }
+                    self.state = Size;
+                    self.digits = 0;
+                }
+                TrailerStart => {
+                    if b == b'\r' {
+                        self.state = EndLf;
+                    } else {
+                        self.meta_byte()?;
+                        self.state = TrailerLine;
+                    }
+                }
+                TrailerLine => {
+                    self.meta_byte()?;
+                    if b == b'\n' {
+                        self.state = TrailerStart;
+                    }
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err(BadChunk);
+                    }
+                    return Ok(Some(i + 1));
+                }
+            }
+            i += 1;
+        }
+        Ok(None)
+    }
+
+    fn meta_byte(&mut self) -> Result<(), BadChunk> {
+        self.meta += 1;
+        if self.meta > MAX_CHUNK_META {
+            return Err(BadChunk);
+        }
+        Ok(())
+    }
+}
+
+/// Tracks how much of a body has passed.
+#[derive(Debug)]
+enum BodyLeft {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+impl BodyLeft {
+    fn new(f: Framing) -> Option<BodyLeft> {
+        match f {
+            Framing::Empty | Framing::Length(0) => None,
+            Framing::Length(n) => Some(BodyLeft::Length(n)),
+            Framing::Chunked => Some(BodyLeft::Chunked(Chunked::default())),
+            Framing::UntilClose => Some(BodyLeft::UntilClose),
+        }
+    }
+
+    /// How many of `data`'s bytes belong to the body, and whether the body ends there.
+    fn take(&mut self, data: &[u8]) -> Result<(usize, bool), BadChunk> {
+        match self {
+            BodyLeft::Length(left) => {
+                let n = (*left).min(data.len() as u64);
+                *left -= n;
+                Ok((n as usize, *left == 0))
+            }
+            BodyLeft::Chunked(c) => Ok(match c.scan(data)? {
+                Some(n) => (n, true),
+                None => (data.len(), false),
+            }),
+            BodyLeft::UntilClose => Ok((data.len(), false)),
+        }
+    }
+}
+
+/// The client side of one connection.
+struct Client {
+    stream: TcpStream,
+    /// Bytes read and not yet consumed are `buf[pos..]`.
+    buf: Vec<u8>,
+    pos: usize,
+    /// Outgoing heads (request, then response).
+    out: Vec<u8>,
+    /// Upstream reads.
+    ubuf: Vec<u8>,
+}
+
+impl Client {
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+    }
+
+    fn ensure_buffers(&mut self) {
+        if self.buf.capacity() == 0 {
+            self.buf = bufs::take();
+        }
+        if self.out.capacity() == 0 {
+            self.out = bufs::take();
+        }
+        if self.ubuf.capacity() == 0 {
+            self.ubuf = bufs::take();
+        }
+    }
+
+    /// Between requests with nothing pipelined: give the buffers back.
+    fn release_buffers(&mut self) {
+        if self.pos == self.buf.len() {
+            bufs::give(std::mem::take(&mut self.buf));
+            self.pos = 0;
+        }
+        bufs::give(std::mem::take(&mut self.out));
+        bufs::give(std::mem::take(&mut self.ubuf));
+    }
+
+    /// Read more client bytes (compacting or growing the buffer up to `limit`); 0 = EOF.
+    async fn read_more(&mut self, limit: usize) -> io::Result<usize> {
+        if self.buf.len() == self.buf.capacity() {
+            if self.pos > 0 {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            } else if self.buf.capacity() < limit {
+                self.buf.reserve(self.buf.capacity().max(BUF_SIZE));
+            } else {
+                return Err(io::Error::other("head too large"));
+            }
+        }
+        read_some(&self.stream, &mut self.buf).await
+    }
+}
+
+/// Read into the spare capacity of `buf` (there must be some); 0 = EOF.
+///
+/// A short read means the socket's receive queue was empty when read. The read then also
+/// clears tokio's cached read readiness, with the readiness tick taken *before* the read, as
+/// tokio itself does on `EAGAIN`, so bytes arriving meanwhile still wake the task. The next
+/// wait then goes straight to epoll instead of first costing a `recv` that returns `EAGAIN`:
+/// one syscall less per request on each leg.
+async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.capacity() - buf.len();
+    debug_assert!(spare > 0);
+    loop {
+        stream.readable().await?;
+        let mut got = 0;
+        let read = stream.try_io(Interest::READABLE, || {
+            let n = stream.try_read_buf(buf)?;
+            got = n;
+            if n > 0 && n < spare {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        match read {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if got > 0 {
+                    return Ok(got);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A parsed request, ready to forward: its new head is in `Client::out`.
+struct Request {
+    target: Arc<Target>,
+    method: Method,
+    head_len: usize,
+    body: Framing,
+    close: bool,
+    record: Option<AccessRecord>,
+}
+
+enum Parsed {
+    Partial,
+    /// The HTTP/2 connection preface (h2c with prior knowledge).
+    H2,
+    /// Hand the connection to hyper.
+    Fallback,
+    Reject(StatusCode, &'static str),
+    /// A well-formed request no router matches; the connection stays open if it has no body.
+    NoRoute {
+        head_len: usize,
+        keep: bool,
+        record: Option<AccessRecord>,
+    },
+    Ready(Request),
+}
+
+/// Serve a plain-text HTTP/1 connection (no h2c preface) until it closes.
+pub(crate) async fn serve(conn: Arc<ConnState>, stream: TcpStream) {
+    let mut c = Client {
+        stream,
+        buf: Vec::new(),
+        pos: 0,
+        out: Vec::new(),
+        ubuf: Vec::new(),
+    };
+    loop {
+        let started_ns = clock::now_ns();
+        let deadline = Instant::now() + conn.settings.header_read_timeout;
+        let parsed = match tokio::time::timeout_at(deadline, next_request(&conn, &mut c)).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Err(_) => {
+                // Answer only a client that started a request (as the hyper path does).
+                if !c.pending().is_empty() {
+                    let _ = c.stream.write_all(super::server::RESPONSE_408).await;
+                }
+                tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, "request head timed out");
+                return;
+            }
+        };
+        let req = match parsed {
+            Parsed::Ready(r) => r,
+            Parsed::Partial => unreachable!("next_request returns complete heads"),
+            Parsed::H2 => {
+                let pre = c.pending().to_vec();
+                c.release_buffers();
+                let io = Rewind {
+                    pre,
+                    pos: 0,
+                    inner: c.stream,
+                };
+                return super::server::serve_h2(conn, io).await;
+            }
+            Parsed::Fallback => {
+                let pre = c.pending().to_vec();
+                c.release_buffers();
+                let io = Rewind {
+                    pre,
+                    pos: 0,
+                    inner: c.stream,
+                };
+                return super::server::serve_h1(conn, io).await;
+            }
+            Parsed::Reject(status, body) => {
+                // The head may be unusable (no framing known): always close.
+                let _ = write_local(&mut c, status, body, true).await;
+                return;
+            }
+            Parsed::NoRoute {
+                head_len,
+                keep,
+                record,
+            } => {
+                let e = ProxyError::NoRoute;
+                c.consume(head_len);
+                let sent = write_local(&mut c, e.status(), e.body(), !keep).await;
+                log(&conn, record, e.status().as_u16(), 0, started_ns);
+                if sent.is_err() || !keep {
+                    return;
+                }
+                continue;
+            }
+        };
+        match exchange(&conn, &mut c, req, started_ns).await {
+            Ok(true) if !conn.shutdown.is_cancelled() => {}
+            _ => return,
+        }
+        if c.pending().is_empty() {
+            c.release_buffers();
+        }
+    }
+}
+
+/// Wait for and parse the next request head. `None`: the client closed (or shutdown began)
+/// between requests.
+async fn next_request(conn: &ConnState, c: &mut Client) -> io::Result<Option<Parsed>> {
+    if c.pending().is_empty() {
+        // Idle: wait for bytes without holding buffers.
+        tokio::select! {
+            r = c.stream.readable() => r?,
+            _ = conn.shutdown.cancelled() => return Ok(None),
+        }
+    }
+    c.ensure_buffers();
+    let limit = conn.settings.max_header_bytes;
+    loop {
+        if !c.pending().is_empty() {
+            let data = &c.buf[c.pos..];
+            let preface = super::server::H2_PREFACE;
+            let parsed = if data.len() >= preface.len() && data.starts_with(preface) {
+                Parsed::H2
+            } else if data.len() < preface.len() && preface.starts_with(data) {
+                Parsed::Partial
+            } else {
+                parse_request(conn, data, &mut c.out)
+            };
+            if !matches!(parsed, Parsed::Partial) {
+                return Ok(Some(parsed));
+            }
+            if c.pending().len() >= limit {
+                return Ok(Some(Parsed::Reject(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "431 request header fields too large\n",
+                )));
+            }
+        }
+        match c.read_more(limit).await {
+            Ok(0) => {
+                if !c.pending().is_empty() {
+                    tracing::debug!(peer = %conn.peer, "client closed in the middle of a request head");
+                }
+                return Ok(None);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Other => {
+                return Ok(Some(Parsed::Reject(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "431 request header fields too large\n",
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.eq_ignore_ascii_case(b)
+}
+
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+fn parse_len(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Append `name: value\r\n`.
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Up to 8 header names listed in `Connection` (hop-by-hop by declaration).
+#[derive(Default)]
+struct Named<'a> {
+    names: [&'a [u8]; 8],
+    n: usize,
+}
+
+impl<'a> Named<'a> {
+    fn add(&mut self, t: &'a [u8]) {
+        if self.n < self.names.len() {
+            self.names[self.n] = t;
+            self.n += 1;
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.names[..self.n]
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
+/// Parse one request head at the start of `data`; on success its new head is in `out`.
+fn parse_request(conn: &ConnState, data: &[u8], out: &mut Vec<u8>) -> Parsed {
+    let bad = Parsed::Reject(StatusCode::BAD_REQUEST, "400 bad request\n");
+    let mut headers = [httparse::EMPTY_HEADER; MAX_PARSED_HEADERS];
+    let limit = conn.settings.max_headers.min(MAX_PARSED_HEADERS);
+    let mut req = httparse::Request::new(&mut headers[..limit]);
+    let head_len = match req.parse(data) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) if conn.settings.max_headers > limit => {
+            return Parsed::Fallback
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Reject(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "431 request header fields too large\n",
+            )
+        }
+        Err(_) => return bad,
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Fallback;
+    };
+    if !path.starts_with('/') || method == "CONNECT" {
+        return Parsed::Fallback;
+    }
+    let mut host: Option<&[u8]> = None;
+    let mut hosts = 0;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut close = false;
+    let mut te_trailers = false;
+    let mut named = Named::default();
+    let (mut has_xfp, mut has_xfh) = (false, false);
+    for h in req.headers.iter() {
+        let v = h.value;
+        match h.name.len() {
+            4 if eq(h.name, "host") => {
+                hosts += 1;
+                host = Some(v);
+            }
+            14 if eq(h.name, "content-length") => match (parse_len(v), length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return bad,
+            },
+            17 if eq(h.name, "transfer-encoding") => {
+                if chunked || !v.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Parsed::Fallback;
+                }
+                chunked = true;
+            }
+            10 if eq(h.name, "connection") => {
+                for t in tokens(v) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if t.eq_ignore_ascii_case(b"upgrade") {
+                        return Parsed::Fallback;
+                    } else if !t.eq_ignore_ascii_case(b"keep-alive") {
+                        named.add(t);
+                    }
+                }
+            }
+            7 if eq(h.name, "upgrade") => return Parsed::Fallback,
+            6 if eq(h.name, "expect") => return Parsed::Fallback,
+            2 if eq(h.name, "te") => {
+                te_trailers |= tokens(v).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+            }
+            17 if eq(h.name, "x-forwarded-proto") => has_xfp = true,
+            16 if eq(h.name, "x-forwarded-host") => has_xfh = true,
+            _ => {}
+        }
+    }
+    if chunked && length.is_some() {
+        return Parsed::Fallback;
+    }
+    let (Some(host_raw), 1) = (host, hosts) else {
+        return bad;
+    };
+    let Ok(host_str) = std::str::from_utf8(host_raw) else {
+        return bad;
+    };
+    let mut host_buf = [0u8; 256];
+    let Some(host) = super::lowercase(super::proxy::strip_port(host_str.trim()), &mut host_buf)
+    else {
+        return bad;
+    };
+    if conn.settings.redirect_to_https {
+        return Parsed::Fallback;
+    }
+    let Ok(m) = Method::from_bytes(method.as_bytes()) else {
+        return bad;
+    };
+    let record = |router: Option<Arc<str>>, service: Option<Arc<str>>| {
+        conn.ctx.access_log.as_ref().map(|_| AccessRecord {
+            time_ms: unix_ms(),
+            client: conn.peer.ip(),
+            entrypoint: Arc::clone(&conn.entrypoint),
+            method: m.clone(),
+            host: host.to_string(),
+            path: path.to_string(),
+            protocol: "HTTP/1.1",
+            status: 0,
+            bytes: 0,
+            router,
+            service,
+            endpoint: None,
+            duration_us: 0,
+            upstream_us: 0,
+            attempts: 0,
+        })
+    };
+    let no_route = || Parsed::NoRoute {
+        head_len,
+        keep: !close && !chunked && length.unwrap_or(0) == 0,
+        record: record(None, None),
+    };
+    let (router, target) = {
+        let table = conn.table.load();
+        let Some(ep) = table.http.entrypoint(&conn.entrypoint) else {
+            return no_route();
+        };
+        if ep.uses_headers {
+            return Parsed::Fallback;
+        }
+        let view = RequestView {
+            host,
+            path: path.split('?').next().unwrap_or(path),
+            method: &m,
+            headers: None,
+        };
+        let Some(r) = ep.lookup(&view) else {
+            return no_route();
+        };
+        (Arc::clone(&r.name), Arc::clone(&r.target))
+    };
+    if target.protocol != HttpUpstream::Http1 || target.sticky.is_some() {
+        return Parsed::Fallback;
+    }
+
+    // The upstream head: same request line and headers minus hop-by-hop ones, plus ours.
+    let trusted = conn.forward.trusted;
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in req.headers.iter() {
+        let n = h.name;
+        let skip = match n.len() {
+            10 => eq(n, "connection") || eq(n, "keep-alive"),
+            16 => eq(n, "proxy-connection") || (eq(n, "x-forwarded-host") && !trusted),
+            2 => eq(n, "te"),
+            7 => eq(n, "trailer"),
+            15 => eq(n, "x-forwarded-for"),
+            17 => eq(n, "x-forwarded-proto") && !trusted,
+            9 => eq(n, "forwarded"),
+            _ => false,
+        } || named.contains(n);
+        if !skip {
+            put_header(out, n.as_bytes(), h.value);
+        }
+    }
+    if te_trailers {
+        out.extend_from_slice(b"te: trailers\r\n");
+    }
+    // X-Forwarded-For / Forwarded: previous hops (trusted peers only) first, then this one.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if trusted {
+        for h in req.headers.iter().filter(|h| eq(h.name, "x-forwarded-for")) {
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(conn.forward.peer_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !(trusted && has_xfp) {
+        out.extend_from_slice(b"x-forwarded-proto: ");
+        out.extend_from_slice(conn.forward.proto.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !(trusted && has_xfh) {
+        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend_from_slice(host_raw);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(own) = conn.forward.own_forwarded(Some(host_raw)) {
+        out.extend_from_slice(b"forwarded: ");
+        if trusted {
+            for h in req.headers.iter().filter(|h| eq(h.name, "forwarded")) {
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b", ");
+            }
+        }
+        out.extend_from_slice(own.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    let record = record(Some(router), Some(Arc::clone(&target.service.name)));
+    Parsed::Ready(Request {
+        target,
+        method: m,
+        head_len,
+        body: if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Length(length.unwrap_or(0))
+        },
+        close,
+        record,
+    })
+}
+
+/// A parsed response head, rewritten for the client into `out`.
+struct Response {
+    head_len: usize,
+    status: u16,
+    interim: bool,
+    body: Framing,
+    /// The upstream connection may serve another request after this response.
+    reusable: bool,
+    /// The client connection closes after this response.
+    close: bool,
+}
+
+fn parse_response(
+    data: &[u8],
+    head_request: bool,
+    close_client: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<Response>, ProxyError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_PARSED_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(data) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if data.len() < MAX_RESPONSE_HEAD => return Ok(None),
+        _ => return Err(ProxyError::UpstreamProtocol),
+    };
+    let (Some(status), Some(version)) = (resp.code, resp.version) else {
+        return Err(ProxyError::UpstreamProtocol);
+    };
+    if status == 101 {
+        return Err(ProxyError::UpstreamProtocol);
+    }
+    let interim = (100..200).contains(&status);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut coded = false;
+    let mut reusable = version == 1;
+    let mut named = Named::default();
+    for h in resp.headers.iter() {
+        let v = h.value;
+        match h.name.len() {
+            14 if eq(h.name, "content-length") => match (parse_len(v), length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return Err(ProxyError::UpstreamProtocol),
+            },
+            17 if eq(h.name, "transfer-encoding") => {
+                coded = true;
+                chunked = tokens(v)
+                    .last()
+                    .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+            }
+            10 if eq(h.name, "connection") => {
+                for t in tokens(v) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        reusable = false;
+                    } else if !t.eq_ignore_ascii_case(b"keep-alive") {
+                        named.add(t);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let body = if interim || head_request || status == 204 || status == 304 {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if coded {
+        Framing::UntilClose
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    if body == Framing::UntilClose {
+        reusable = false;
+    }
+    let close = close_client || body == Framing::UntilClose;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut code = itoa::Buffer::new();
+    out.extend_from_slice(code.format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let n = h.name;
+        let skip = match n.len() {
+            10 => eq(n, "connection") || eq(n, "keep-alive"),
+            16 => eq(n, "proxy-connection"),
+            7 => eq(n, "upgrade"),
+            2 => eq(n, "te"),
+            _ => false,
+        } || named.contains(n);
+        if !skip {
+            put_header(out, n.as_bytes(), h.value);
+        }
+    }
+    if close && !interim {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(Response {
+        head_len,
+        status,
+        interim,
+        body,
+        reusable,
+        close,
+    }))
+}
+
+/// Who failed while a body was being moved.
+enum Side {
+    Client,
+    Upstream,
+    Framing,
+}
+
+/// Proxy one parsed request. `Ok(true)`: the client connection can take another request.
+async fn exchange(
+    conn: &ConnState,
+    c: &mut Client,
+    mut req: Request,
+    started_ns: u64,
+) -> io::Result<bool> {
+    // The request body bytes already read: forwarded with the head when they complete it.
+    let mut body = BodyLeft::new(req.body);
+    let after_head = &c.buf[c.pos + req.head_len..];
+    let (buffered, whole) = match body.as_mut() {
+        None => (0, true),
+        Some(b) => match b.take(after_head) {
+            Ok((n, done)) => (n, done),
+            Err(BadChunk) => {
+                write_local(c, StatusCode::BAD_REQUEST, "400 bad request\n", true).await?;
+                return Ok(false);
+            }
+        },
+    };
+    // Only bodyless requests go to other endpoints on failure (as on the hyper path); any
+    // request whose body is fully buffered may be resent once on a fresh connection when a
+    // pooled one turns out to be closed.
+    let spec = &req.target.service.spec;
+    let max_attempts = 1 + if req.body == Framing::Length(0) {
+        spec.retries
+    } else {
+        0
+    };
+    let head_request = req.method == Method::HEAD;
+    let pool = req.target.pool();
+    let mut exclude = Exclude::default();
+    let mut last_error = ProxyError::NoEndpoint;
+    let mut fresh_on: Option<usize> = None;
+    let mut fresh_used = false;
+    let mut attempt = 0;
+    let mut body_complete = whole;
+    let result = loop {
+        if attempt >= max_attempts {
+            break Err(last_error);
+        }
+        let sent_ns = clock::now_ns();
+        let now_ms = sent_ns / 1_000_000;
+        let picked = fresh_on.take().or_else(|| {
+            pool.balancer.pick(
+                &pool.endpoints,
+                &PickContext {
+                    hash: conn.hash,
+                    now_ms,
+                    now_ns: sent_ns,
+                    exclude,
+                },
+            )
+        });
+        let Some(idx) = picked else {
+            break Err(last_error);
+        };
+        let endpoint = &pool.endpoints[idx];
+        if let Some(rec) = req.record.as_mut() {
+            rec.endpoint = Some(endpoint.addr);
+            rec.attempts = attempt + 1;
+        }
+        let idle = conn.ctx.upstreams.raw.idle(endpoint.addr);
+        let pooled = if fresh_used {
+            None
+        } else {
+            idle.pop(Instant::now())
+        };
+        let reused = pooled.is_some();
+        let mut up = match pooled {
+            Some(s) => s,
+            None => match connect_tcp(endpoint.addr, spec.timeouts.connect).await {
+                Ok(s) => s,
+                Err(e) => {
+                    endpoint.stats.record_failure(now_ms);
+                    tracing::debug!(service = %req.target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
+                    last_error = e;
+                    exclude.insert(idx);
+                    attempt += 1;
+                    continue;
+                }
+            },
+        };
+        let in_flight = endpoint.stats.start();
+        // Head and buffered body in one write.
+        let head_end = c.out.len();
+        let body_start = c.pos + req.head_len;
+        c.out
+            .extend_from_slice(&c.buf[body_start..body_start + buffered]);
+        let written = up.write_all(&c.out).await;
+        c.out.truncate(head_end);
+        if written.is_err() {
+            // Nothing reached the endpoint: a stale pooled connection is replaced once by a
+            // fresh one to the same endpoint; otherwise try another endpoint.
+            if reused && !fresh_used {
+                fresh_used = true;
+                fresh_on = Some(idx);
+                continue;
+            }
+            last_error = ProxyError::NotSent;
+            exclude.insert(idx);
+            attempt += 1;
+            continue;
+        }
+        let mut interim_sent = false;
+        let head = if whole {
+            let (_, mut cw) = c.stream.split();
+            let close_client = req.close || conn.shutdown.is_cancelled();
+            read_response_head(
+                &up,
+                &mut c.ubuf,
+                &mut c.out,
+                &mut cw,
+                head_request,
+                close_client,
+                spec.timeouts.response,
+                &mut interim_sent,
+            )
+            .await
+        } else {
+            c.consume(req.head_len + buffered);
+            match stream_body_then_head(&mut up, c, body.as_mut(), &req, conn).await {
+                Ok((h, complete)) => {
+                    body_complete = complete;
+                    h
+                }
+                Err(Side::Client) => return Ok(false),
+                Err(_) => {
+                    write_local(c, StatusCode::BAD_REQUEST, "400 bad request\n", true).await?;
+                    return Ok(false);
+                }
+            }
+        };
+        let now_ns = clock::now_ns();
+        match head {
+            Ok(resp) => {
+                endpoint.stats.record_success();
+                endpoint.stats.record_latency(now_ns - sent_ns, now_ns);
+                if let Some(rec) = req.record.as_mut() {
+                    rec.upstream_us = now_ns.saturating_sub(started_ns) / 1000;
+                }
+                break Ok((up, resp, in_flight, idle));
+            }
+            Err(e) => {
+                drop(in_flight);
+                tracing::debug!(service = %req.target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
+                if !whole || interim_sent {
+                    break Err(e);
+                }
+                if e == ProxyError::ResetBeforeResponse
+                    && reused
+                    && !fresh_used
+                    && is_idempotent(&req.method)
+                {
+                    // An idle connection closed just as it was reused: once, on a new one.
+                    fresh_used = true;
+                    fresh_on = Some(idx);
+                    continue;
+                }
+                last_error = e;
+                exclude.insert(idx);
+                attempt += 1;
+                if !e.retryable(&req.method) {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    let (mut up, resp, _in_flight, idle) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let close = req.close || !body_complete;
+            if whole {
+                c.consume(req.head_len + buffered);
+            }
+            let ok = write_local(c, e.status(), e.body(), close).await.is_ok();
+            log(conn, req.record, e.status().as_u16(), 0, started_ns);
+            return Ok(ok && !close);
+        }
+    };
+    if whole {
+        c.consume(req.head_len + buffered);
+    }
+    let (sent, complete, upstream_clean) = relay_response(&mut up, c, &resp).await;
+    log(conn, req.record.take(), resp.status, sent, started_ns);
+    if complete && upstream_clean && resp.reusable && body_complete {
+        idle.push(up);
+    }
+    Ok(complete && !resp.close && !req.close && body_complete)
+}
+
+/// Read the response head (forwarding interim 1xx heads to the client), bounded by the
+/// response timeout. The final head, rewritten, is in `out`; its body's first bytes follow
+/// the head in `ubuf`.
+#[allow(clippy::too_many_arguments)]
+async fn read_response_head<W>(
+    up: &TcpStream,
+    ubuf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    client: &mut W,
+    head_request: bool,
+    close_client: bool,
+    timeout: Option<std::time::Duration>,
+    interim_sent: &mut bool,
+) -> Result<Response, ProxyError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let fut = async {
+        ubuf.clear();
+        loop {
+            if !ubuf.is_empty() {
+                if let Some(resp) = parse_response(ubuf, head_request, close_client, out)? {
+                    if !resp.interim {
+                        return Ok(resp);
+                    }
+                    // 1xx (103 Early Hints…): pass on, then wait for the final head.
+                    *interim_sent = true;
+                    client
+                        .write_all(out)
+                        .await
+                        .map_err(|_| ProxyError::Internal)?;
+                    ubuf.drain(..resp.head_len);
+                    continue;
+                }
+            }
+            if ubuf.len() == ubuf.capacity() {
+                ubuf.reserve(BUF_SIZE);
+            }
+            match read_some(up, ubuf).await {
+                Ok(0) | Err(_) => return Err(ProxyError::ResetBeforeResponse),
+                Ok(_) => {}
+            }
+        }
+    };
+    match timeout {
+        Some(limit) => tokio::time::timeout(limit, fut)
+            .await
+            .unwrap_or(Err(ProxyError::ResponseTimeout)),
+        None => fut.await,
+    }
+}
+
+/// Stream the rest of a request body from the client while waiting for the response head.
+/// Returns the head and whether the body was sent whole: a response that comes first ends
+/// the streaming, and both connections are then closed after it.
+async fn stream_body_then_head(
+    up: &mut TcpStream,
+    c: &mut Client,
+    body: Option<&mut BodyLeft>,
+    req: &Request,
+    conn: &ConnState,
+) -> Result<(Result<Response, ProxyError>, bool), Side> {
+    let body = body.expect("a streamed request has a body");
+    let head_request = req.method == Method::HEAD;
+    let close_client = req.close || conn.shutdown.is_cancelled();
+    let (up_r, mut up_w) = up.split();
+    let Client {
+        stream,
+        buf,
+        pos,
+        out,
+        ubuf,
+    } = c;
+    let (client_r, mut client_w) = stream.split();
+    let send = async {
+        loop {
+            buf.clear();
+            *pos = 0;
+            if buf.capacity() == 0 {
+                buf.reserve(BUF_SIZE);
+            }
+            match read_some(client_r.as_ref(), buf).await {
+                Ok(0) | Err(_) => return Err(Side::Client),
+                Ok(_) => {}
+            }
+            let (n, done) = body.take(buf).map_err(|_| Side::Framing)?;
+            up_w.write_all(&buf[..n])
+                .await
+                .map_err(|_| Side::Upstream)?;
+            *pos = n;
+            if done {
+                if *pos == buf.len() {
+                    buf.clear();
+                    *pos = 0;
+                }
+                return Ok(());
+            }
+        }
+    };
+    let mut interim_sent = false;
+    let head = read_response_head(
+        up_r.as_ref(),
+        ubuf,
+        out,
+        &mut client_w,
+        head_request,
+        close_client,
+        req.target.service.spec.timeouts.response,
+        &mut interim_sent,
+    );
+    tokio::pin!(send);
+    tokio::pin!(head);
+    let mut sent: Option<bool> = None;
+    loop {
+        tokio::select! {
+            r = &mut send, if sent.is_none() => match r {
+                Ok(()) => sent = Some(true),
+                // The endpoint stopped reading: its answer may still come.
+                Err(Side::Upstream) => sent = Some(false),
+                Err(e) => return Err(e),
+            },
+            h = &mut head => return Ok((h, sent == Some(true))),
+        }
+    }
+}
+
+/// Relay the response (head in `c.out`, first body bytes in `c.ubuf` after the head).
+/// Returns (body bytes sent, whole response sent, upstream connection left clean).
+async fn relay_response(up: &mut TcpStream, c: &mut Client, resp: &Response) -> (u64, bool, bool) {
+    let mut left = BodyLeft::new(resp.body);
+    let first = &c.ubuf[resp.head_len..];
+    let (n, mut done, mut clean) = match left.as_mut() {
+        None => (0, true, first.is_empty()),
+        Some(b) => match b.take(first) {
+            Ok((n, done)) => (n, done, n == first.len()),
+            Err(BadChunk) => {
+                // Nothing sent yet: the client gets a 502 rather than a cut.
+                let e = ProxyError::UpstreamProtocol;
+                let _ = write_local(c, e.status(), e.body(), true).await;
+                return (0, false, false);
+            }
+        },
+    };
+    c.out.extend_from_slice(&first[..n]);
+    if c.stream.write_all(&c.out).await.is_err() {
+        return (0, false, false);
+    }
+    let mut sent = n as u64;
+    let Some(mut left) = left else {
+        return (0, done, clean);
+    };
+    while !done {
+        c.ubuf.clear();
+        match read_some(up, &mut c.ubuf).await {
+            Ok(0) if matches!(left, BodyLeft::UntilClose) => return (sent, true, false),
+            Ok(0) | Err(_) => return (sent, false, false),
+            Ok(_) => {}
+        }
+        let (n, end) = match left.take(&c.ubuf) {
+            Ok(t) => t,
+            Err(BadChunk) => return (sent, false, false),
+        };
+        if c.stream.write_all(&c.ubuf[..n]).await.is_err() {
+            return (sent, false, false);
+        }
+        sent += n as u64;
+        done = end;
+        clean = n == c.ubuf.len();
+    }
+    (sent, true, clean)
+}
+
+fn log(conn: &ConnState, record: Option<AccessRecord>, status: u16, bytes: u64, started_ns: u64) {
+    if let (Some(mut rec), Some(log)) = (record, conn.ctx.access_log.as_ref()) {
+        rec.status = status;
+        rec.bytes = bytes;
+        rec.duration_us = clock::now_ns().saturating_sub(started_ns) / 1000;
+        log.log(rec);
+    }
+}
+
+/// A response made by meshgate itself.
+async fn write_local(
+    c: &mut Client,
+    status: StatusCode,
+    body: &str,
+    close: bool,
+) -> io::Result<()> {
+    let mut len = itoa::Buffer::new();
+    let mut head = Vec::with_capacity(160 + body.len());
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
+    head.extend_from_slice(len.format(body.len()).as_bytes());
+    if close {
+        head.extend_from_slice(b"\r\nconnection: close");
+    }
+    head.extend_from_slice(b"\r\n\r\n");
+    head.extend_from_slice(body.as_bytes());
+    c.stream.write_all(&head).await
+}
+
+/// The client stream with the bytes already read put back in front, for hyper.
+pub(crate) struct Rewind {
+    pre: Vec<u8>,
+    pos: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.pre.len() {
+            let n = (self.pre.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.pre[start..start + n]);
+            self.pos += n;
+            if self.pos == self.pre.len() {
+                self.pre = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &[u8] =
+        b"5;ext=\"x\"\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nx-t: 1\r\ny: 2\r\n\r\n";
+
+    #[test]
+    fn chunked_end_is_found_at_every_split() {
+        for split in 0..=BODY.len() {
+            let mut c = Chunked::default();
+            let mut data = BODY.to_vec();
+            data.extend_from_slice(b"NEXT");
+            let first = c.scan(&data[..split]).unwrap();
+            let end = match first {
+                Some(n) => n,
+                None => split + c.scan(&data[split..]).unwrap().expect("ends"),
+            };
+            assert_eq!(end, BODY.len(), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn chunked_without_trailers_and_bad_input() {
+        let mut c = Chunked::default();
+        assert_eq!(c.scan(b"0\r\n\r\n"), Ok(Some(5)));
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloXX",
+            b"5\nhello",
+            b"fffffffffffffffff\r\n",
+            b"\r\n",
+        ] {
+            assert_eq!(Chunked::default().scan(bad), Err(BadChunk), "{bad:?}");
+        }
+        let mut long = b"0\r\n".to_vec();
+        long.extend(std::iter::repeat_n(b'a', MAX_CHUNK_META + 1));
+        assert_eq!(Chunked::default().scan(&long), Err(BadChunk));
+    }
+
+    #[test]
+    fn length_bodies_stop_at_their_end() {
+        let mut b = BodyLeft::new(Framing::Length(5)).unwrap();
+        assert_eq!(b.take(b"abc"), Ok((3, false)));
+        assert_eq!(b.take(b"defGET"), Ok((2, true)));
+        assert!(BodyLeft::new(Framing::Length(0)).is_none());
+        assert!(BodyLeft::new(Framing::Empty).is_none());
+    }
+
+    fn response(raw: &[u8], head: bool, close: bool) -> (Response, String) {
+        let mut out = Vec::new();
+        let r = parse_response(raw, head, close, &mut out).unwrap().unwrap();
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn response_framing_and_reuse() {
+        let (r, out) = response(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc",
+            false,
+            false,
+        );
+        assert_eq!(
+            (r.body, r.reusable, r.close),
+            (Framing::Length(3), true, false)
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n");
+        let (r, _) = response(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", true, false);
+        assert_eq!(r.body, Framing::Empty);
+        let (r, out) = response(b"HTTP/1.0 200 OK\r\n\r\n", false, false);
+        assert_eq!(
+            (r.body, r.reusable, r.close),
+            (Framing::UntilClose, false, true)
+        );
+        assert!(out.ends_with("connection: close\r\n\r\n"));
+        let (r, _) = response(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n",
+            false,
+            false,
+        );
+        assert_eq!((r.body, r.reusable), (Framing::Chunked, false));
+        let (r, _) = response(
+            b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+            false,
+            false,
+        );
+        assert_eq!(r.body, Framing::Empty);
+        let mut out = Vec::new();
+        assert_eq!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                false,
+                false,
+                &mut out
+            )
+            .err(),
+            Some(ProxyError::UpstreamProtocol)
+        );
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-le", false, false, &mut out)
+                .unwrap()
+                .is_none()
+        );
+    }
+}
