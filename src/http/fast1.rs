@@ -18,14 +18,13 @@
 //! header rules or sticky cookies, HTTPS redirects, and h2c/https upstreams. hyper stays the
 //! reference implementation; this path must answer exactly what it would.
 
-use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Method, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -38,13 +37,13 @@ use super::rule::RequestView;
 use crate::balance::{Exclude, PickContext};
 use crate::clock;
 use crate::model::HttpUpstream;
+use crate::proxy::copy::bufs::{self, BUF_SIZE};
+use crate::proxy::copy::read_some;
 
 /// Headers parsed per head on the stack; an entrypoint allowing more uses hyper.
 const MAX_PARSED_HEADERS: usize = 128;
 /// Largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Read buffer size (grown up to the head limits when a head needs it).
-const BUF_SIZE: usize = 16 * 1024;
 /// Largest chunk-size line extension or trailer section passed through.
 const MAX_CHUNK_META: usize = 8 * 1024;
 
@@ -58,37 +57,6 @@ impl Reusable for TcpStream {
             self.try_io(tokio::io::Interest::READABLE, || Ok(())),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock
         )
-    }
-}
-
-/// Per-thread cache of read buffers, so that a request costs no allocation and an idle
-/// connection holds none.
-mod bufs {
-    use super::*;
-
-    const CACHE_MAX: usize = 64;
-
-    thread_local! {
-        static CACHE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    pub fn take() -> Vec<u8> {
-        CACHE
-            .with(|c| c.borrow_mut().pop())
-            .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
-    }
-
-    pub fn give(mut b: Vec<u8>) {
-        if b.capacity() == 0 || b.capacity() > 4 * BUF_SIZE {
-            return;
-        }
-        b.clear();
-        CACHE.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.len() < CACHE_MAX {
-                c.push(b);
-            }
-        });
     }
 }
 
@@ -318,40 +286,6 @@ impl Client {
     }
 }
 
-/// Read into the spare capacity of `buf` (there must be some); 0 = EOF.
-///
-/// A short read means the socket's receive queue was empty when read. The read then also
-/// clears tokio's cached read readiness, with the readiness tick taken *before* the read, as
-/// tokio itself does on `EAGAIN`, so bytes arriving meanwhile still wake the task. The next
-/// wait then goes straight to epoll instead of first costing a `recv` that returns `EAGAIN`:
-/// one syscall less per request on each leg.
-async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let spare = buf.capacity() - buf.len();
-    debug_assert!(spare > 0);
-    loop {
-        stream.readable().await?;
-        let mut got = 0;
-        let read = stream.try_io(Interest::READABLE, || {
-            let n = stream.try_read_buf(buf)?;
-            got = n;
-            if n > 0 && n < spare {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(n)
-            }
-        });
-        match read {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if got > 0 {
-                    return Ok(got);
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// A parsed request, ready to forward: its new head is in `Client::out`.
 struct Request {
     target: Arc<Target>,
@@ -413,7 +347,9 @@ pub(crate) async fn serve(conn: Arc<ConnState>, stream: TcpStream) {
                     pos: 0,
                     inner: c.stream,
                 };
-                return super::server::serve_h2(conn, io).await;
+                // Boxed: hyper's connection futures are large, and an idle fast-path connection
+                // should not carry their size.
+                return Box::pin(super::server::serve_h2(conn, io)).await;
             }
             Parsed::Fallback => {
                 let pre = c.pending().to_vec();
@@ -423,7 +359,7 @@ pub(crate) async fn serve(conn: Arc<ConnState>, stream: TcpStream) {
                     pos: 0,
                     inner: c.stream,
                 };
-                return super::server::serve_h1(conn, io).await;
+                return Box::pin(super::server::serve_h1(conn, io)).await;
             }
             Parsed::Reject(status, body) => {
                 // The head may be unusable (no framing known): always close.
@@ -445,7 +381,9 @@ pub(crate) async fn serve(conn: Arc<ConnState>, stream: TcpStream) {
                 continue;
             }
         };
-        match exchange(&conn, &mut c, req, started_ns).await {
+        // Boxed per request: the exchange's state (~2 KB) exists only while a request is in
+        // flight, so an idle connection's task stays small.
+        match Box::pin(exchange(&conn, &mut c, req, started_ns)).await {
             Ok(true) if !conn.shutdown.is_cancelled() => {}
             _ => return,
         }
@@ -1444,5 +1382,20 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    fn size<A, B, F>(_: fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle plain HTTP/1 connection's task holds this future: it must stay small (RSS per
+    /// idle connection), so hyper's and TLS's states are boxed behind it.
+    #[test]
+    fn idle_connection_future_is_small() {
+        let n = size(super::serve);
+        assert!(n < 1536, "fast1::serve future is {n} bytes");
     }
 }

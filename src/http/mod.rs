@@ -198,9 +198,14 @@ pub async fn serve_connection(
         tls: tls_config.is_some(),
         shutdown,
     });
+    // TLS and passthrough futures are boxed: the task of every connection is as large as its
+    // largest possible state, and plain HTTP/1 connections (the many idle keep-alive ones)
+    // should not pay for a TLS session and a hyper connection.
     match (conn.settings.kind, tls_config) {
-        (EntrypointKind::TlsPassthrough, _) => passthrough::serve(conn, stream).await,
-        (EntrypointKind::Https, Some(config)) => server::serve_tls(conn, stream, config).await,
+        (EntrypointKind::TlsPassthrough, _) => Box::pin(passthrough::serve(conn, stream)).await,
+        (EntrypointKind::Https, Some(config)) => {
+            Box::pin(server::serve_tls(conn, stream, config)).await
+        }
         _ => server::serve_plain(conn, stream).await,
     }
 }

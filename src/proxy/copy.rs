@@ -1,8 +1,12 @@
 //! Moving bytes between two TCP sockets, both directions, with half-close and an idle timeout.
 //!
-//! On Linux each direction uses splice(2) through a pipe: socket → pipe → socket, so payload
-//! bytes never enter user space. Pipes come from a per-thread pool and are held only while a
-//! chunk is in flight, so an idle connection costs no pipe (two fds and kernel buffers each).
+//! On Linux a direction carrying a stream uses splice(2) through a pipe: socket → pipe → socket,
+//! so payload bytes never enter user space. Pipes (1 MiB) come from a per-thread pool and are
+//! held only while a chunk is in flight, so an idle connection costs no pipe (two fds and
+//! kernel buffers each). Small messages (request/response protocols) are copied through a
+//! pooled 16 KiB buffer instead, with one read and one write each: a short read proves the
+//! socket drained, so no `EAGAIN` read follows; a read that fills the buffer switches the
+//! direction to splice.
 //! Elsewhere, or if splice is refused (`EINVAL`), or no pipe can be made (`EMFILE`), a buffered
 //! copy does the same job.
 //!
@@ -105,6 +109,86 @@ async fn one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64) -> io::
     buffered_one_way(from, to, activity).await
 }
 
+/// Per-thread cache of 16 KiB copy buffers (the HTTP/1 fast path and small L4 messages), so
+/// that moving a message costs no allocation and an idle connection holds no buffer.
+pub(crate) mod bufs {
+    use std::cell::RefCell;
+
+    pub const BUF_SIZE: usize = 16 * 1024;
+    const CACHE_MAX: usize = 64;
+
+    thread_local! {
+        static CACHE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Vec<u8> {
+        CACHE
+            .with(|c| c.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+    }
+
+    pub fn give(mut b: Vec<u8>) {
+        if b.capacity() == 0 || b.capacity() > 4 * BUF_SIZE {
+            return;
+        }
+        b.clear();
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() < CACHE_MAX {
+                c.push(b);
+            }
+        });
+    }
+}
+
+/// Read into the spare capacity of `buf` (there must be some); 0 = EOF.
+///
+/// A short read means the socket's receive queue was empty when read. The read then also
+/// clears tokio's cached read readiness, with the readiness tick taken *before* the read, as
+/// tokio itself does on `EAGAIN`, so bytes arriving meanwhile still wake the task. The next
+/// wait then goes straight to epoll instead of first costing a `recv` that returns `EAGAIN`:
+/// one syscall less per message.
+pub(crate) async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.capacity() - buf.len();
+    debug_assert!(spare > 0);
+    loop {
+        stream.readable().await?;
+        let mut got = 0;
+        let read = stream.try_io(Interest::READABLE, || {
+            let n = stream.try_read_buf(buf)?;
+            got = n;
+            if n > 0 && n < spare {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        match read {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if got > 0 {
+                    return Ok(got);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Write all of `data` to a shared socket reference.
+async fn write_all_to(to: &TcpStream, data: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < data.len() {
+        to.writable().await?;
+        match to.try_write(&data[off..]) {
+            Ok(m) => off += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Splice pipes kept per worker thread between uses.
 ///
 /// A connection holds a pipe only while a chunk is in flight (taken when data is readable,
@@ -155,7 +239,30 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64) 
 
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut total = 0u64;
+    // Small messages (request/response traffic) go through a pooled buffer: read + write, and
+    // the short read spares the next `EAGAIN` (see `read_some`; a short splice cannot tell
+    // "drained" from "pipe slots full", so it cannot). A read that fills the buffer means a
+    // stream: splice from then on, until a splice moves less than a buffer's worth again.
+    let mut bulk = false;
     loop {
+        if !bulk {
+            let mut buf = bufs::take();
+            let n = match read_some(from, &mut buf).await {
+                Ok(n) => n,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                bufs::give(buf);
+                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                return Ok(total);
+            }
+            write_all_to(to, &buf[..n]).await?;
+            bulk = n == buf.capacity();
+            bufs::give(buf);
+            total += n as u64;
+            activity.store(clock::now_ms(), Ordering::Relaxed);
+            continue;
+        }
         from.readable().await?;
         // No pipe (EMFILE and friends): this direction copies through a buffer instead.
         let Ok(pipe) = pipes::take() else {
@@ -190,6 +297,7 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64) 
         }
         pipes::give(pipe);
         total += n as u64;
+        bulk = n >= bufs::BUF_SIZE;
         activity.store(clock::now_ms(), Ordering::Relaxed);
     }
 }
