@@ -448,9 +448,20 @@ async fn ttl_zero_is_honoured() {
 
 /// A fake upstream on loopback: answers every query (UDP and TCP) with A 192.0.2.7.
 async fn fake_upstream() -> SocketAddr {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
+    // The UDP port's TCP twin may be taken (an ephemeral port of some connection): try again.
+    let mut tries = 0;
+    let (udp, addr, tcp) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => break (udp, addr, tcp),
+            Err(e) if tries < 20 => {
+                tries += 1;
+                eprintln!("fake upstream: TCP {addr} taken ({e}), retrying");
+            }
+            Err(e) => panic!("no UDP+TCP port pair: {e}"),
+        }
+    };
     fn answer(raw: &[u8]) -> Vec<u8> {
         let q = Message::from_vec(raw).unwrap();
         let mut r = Message::response(q.metadata.id, q.metadata.op_code);

@@ -35,7 +35,7 @@ use super::upstream::UpstreamBody;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// At most this many idle connections are kept per endpoint; extra ones are closed.
-pub const MAX_IDLE_PER_ENDPOINT: usize = 64;
+pub const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 
 type Sender = SendRequest<UpstreamBody>;
 

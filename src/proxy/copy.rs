@@ -246,6 +246,8 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64) 
     let mut bulk = false;
     loop {
         if !bulk {
+            // Wait first: an idle direction must not hold a buffer.
+            from.readable().await?;
             let mut buf = bufs::take();
             let n = match read_some(from, &mut buf).await {
                 Ok(n) => n,
