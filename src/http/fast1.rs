@@ -260,6 +260,17 @@ impl Client {
         }
     }
 
+    /// Hand the connection over to hyper: the bytes read and not consumed go in front.
+    fn into_rewind(mut self) -> Rewind {
+        let pre = self.pending().to_vec();
+        self.release_buffers();
+        Rewind {
+            pre,
+            pos: 0,
+            inner: self.stream,
+        }
+    }
+
     /// Between requests with nothing pipelined: give the buffers back.
     fn release_buffers(&mut self) {
         if self.pos == self.buf.len() {
@@ -340,25 +351,13 @@ pub(crate) async fn serve(conn: Arc<ConnState>, stream: TcpStream) {
             Parsed::Ready(r) => r,
             Parsed::Partial => unreachable!("next_request returns complete heads"),
             Parsed::H2 => {
-                let pre = c.pending().to_vec();
-                c.release_buffers();
-                let io = Rewind {
-                    pre,
-                    pos: 0,
-                    inner: c.stream,
-                };
+                let io = c.into_rewind();
                 // Boxed: hyper's connection futures are large, and an idle fast-path connection
                 // should not carry their size.
                 return Box::pin(super::server::serve_h2(conn, io)).await;
             }
             Parsed::Fallback => {
-                let pre = c.pending().to_vec();
-                c.release_buffers();
-                let io = Rewind {
-                    pre,
-                    pos: 0,
-                    inner: c.stream,
-                };
+                let io = c.into_rewind();
                 return Box::pin(super::server::serve_h1(conn, io)).await;
             }
             Parsed::Reject(status, body) => {
