@@ -194,3 +194,99 @@ async fn websocket_through_the_proxy() {
     }
     ws.close(None).await.unwrap();
 }
+
+/// A raw HTTP/1.1 backend: `/chunked` streams 1 MiB in 64 KiB chunks, anything else gets a
+/// 2 MiB `Content-Length` body written in pieces. Counts its connections.
+async fn bulk_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&conns);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let piece = vec![b'x'; 64 * 1024];
+                    if head.starts_with("GET /chunked ") {
+                        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                            .await
+                            .unwrap();
+                        for _ in 0..16 {
+                            s.write_all(b"10000\r\n").await.unwrap();
+                            s.write_all(&piece).await.unwrap();
+                            s.write_all(b"\r\n").await.unwrap();
+                        }
+                        s.write_all(b"0\r\n\r\n").await.unwrap();
+                    } else {
+                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2097152\r\n\r\n")
+                            .await
+                            .unwrap();
+                        for _ in 0..32 {
+                            s.write_all(&piece).await.unwrap();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// HTTP/2 clients of HTTP/1.1 endpoints go through meshgate's own upstream client: long
+/// bodies (length-delimited and chunked) stream through whole, connections are reused, and
+/// hop-by-hop response headers stay behind.
+#[tokio::test]
+async fn h2_client_to_http1_upstream_streams_and_reuses() {
+    let (bulk, conns) = bulk_backend().await;
+    let named = backend("named").await;
+    let mut s = Setup::new(EntrypointKind::Http);
+    s.service("bulk", &[bulk]);
+    s.service("named", &[named]);
+    s.router("bulk", "Host(`bulk.example`)", "bulk", 0);
+    s.router("named", "Host(`named.example`)", "named", 0);
+    let proxy = Proxy::start(&s.0, "web", HttpConfig::default()).await;
+    let h2: TestClient = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    for i in 0..6 {
+        let path = if i % 2 == 0 { "/chunked" } else { "/length" };
+        let (st, headers, body) = send(&h2, get(&proxy.url(path), "bulk.example")).await;
+        assert_eq!(st, 200);
+        assert!(headers.get("transfer-encoding").is_none());
+        let want = if i % 2 == 0 { 1 << 20 } else { 2 << 20 };
+        assert_eq!(body.len(), want, "{path}");
+        assert!(body.bytes().all(|b| b == b'x'));
+    }
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "sequential requests share one upstream connection"
+    );
+    let (st, headers, body) = send(&h2, get(&proxy.url("/h"), "named.example")).await;
+    assert_eq!(st, 200);
+    assert!(body.starts_with("named\nGET /h HTTP/1.1\n"), "{body}");
+    assert!(body.contains("host: named.example\n"), "{body}");
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    assert_eq!(headers["x-backend"], "named");
+    assert!(headers.get("x-private").is_none() && headers.get("keep-alive").is_none());
+}

@@ -3,7 +3,8 @@
 # PROXY_CPU, wrk pinned to LOAD_CPU, `perf record` (cpu-clock, works in VMs without PMU) on the
 # meshgate PID for the duration of the load. Prints the top self-time symbols.
 # Needs: linux-perf, nginx, wrk; target/release/meshgate (release profile keeps debug=1).
-# Usage: benches/load/profile.sh [seconds]   (default 10); STRACE=1 for syscall counts instead
+# Usage: benches/load/profile.sh [seconds]   (default 10); STRACE=1 for syscall counts instead;
+#        MODE=h2 profiles HTTP/2 over TLS (h2load -c64 -m10, needs nghttp2-client, openssl) instead.
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd)
 SECS=${1:-10}; LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-25000}
@@ -18,28 +19,41 @@ http { access_log off; client_body_temp_path $TMP/b; proxy_temp_path $TMP/b; fas
   uwsgi_temp_path $TMP/b; scgi_temp_path $TMP/b; keepalive_requests 1000000;
   server { listen 127.0.0.1:$((P+1)); location / { default_type text/plain; return 200 "ok\n"; } } }
 CONF
+MODE=${MODE:-http}
+if [ "$MODE" = h2 ]; then
+  command -v h2load >/dev/null || { echo "missing h2load (apt-get install nghttp2-client)" >&2; exit 3; }
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+  KIND=https; URL="https://127.0.0.1:$((P+2))/"
+  loadgen() { taskset -c "$LOAD_CPU" h2load -t1 -c64 -m10 -D "$1" "$URL"; }
+else
+  KIND=http; URL="http://127.0.0.1:$((P+2))/"
+  loadgen() { taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${1}s" "$URL"; }
+fi
 cat >"$TMP/m.yaml" <<CONF
 log: {level: warn}
 admin: {enabled: false}
 providers: {file: {watch: false}}
 services: {web: {endpoints: ["127.0.0.1:$((P+1))"], http_port: $((P+1))}}
-entrypoints: {web: {bind: "127.0.0.1:$((P+2))", kind: http}}
+entrypoints: {web: {bind: "127.0.0.1:$((P+2))", kind: $KIND}}
 routers: {r: {entrypoints: [web], rule: "PathPrefix(\`/\`)", service: web}}
+http: {certificates: [{cert: $TMP/cert.pem, key: $TMP/key.pem}]}
 CONF
+[ "$MODE" = h2 ] || sed -i '/^http: /d' "$TMP/m.yaml"
 taskset -c "$PROXY_CPU" nginx -p "$TMP/b" -c "$TMP/b/nginx.conf" -e "$TMP/b/error.log" & PIDS+=($!)
 TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$REPO/target/release/meshgate" run --config "$TMP/m.yaml" & MG=$!; PIDS+=($MG)
 sleep 1
-taskset -c "$LOAD_CPU" wrk -t1 -c64 -d1s "http://127.0.0.1:$((P+2))/" >/dev/null
+loadgen 1 >/dev/null
 if [ "${STRACE:-0}" = 1 ]; then
   # Syscalls per request instead of a profile (strace slows meshgate; only the counts matter).
   timeout "$SECS" strace -c -f -p "$MG" -o "$TMP/strace.txt" & ST=$!
-  taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${SECS}s" "http://127.0.0.1:$((P+2))/" | tee "$TMP/wrk.txt"
+  loadgen "$SECS" | tee "$TMP/wrk.txt"
   wait "$ST"; cat "$TMP/strace.txt"; exit 0
 fi
-perf record -e cpu-clock -F 1999 -g -p "$MG" -o "$TMP/perf.data" -- sleep "$SECS" 2>/dev/null & PERF=$!
-taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${SECS}s" "http://127.0.0.1:$((P+2))/"
+perf record -e cpu-clock -F 1999 --call-graph "${CG:-fp}" -p "$MG" -o "$TMP/perf.data" -- sleep "$SECS" 2>/dev/null & PERF=$!
+loadgen "$SECS"
 wait "$PERF"
-echo "== top symbols by self time (meshgate, L7 keep-alive) =="
+echo "== top symbols by self time (meshgate, $MODE keep-alive) =="
 rep() { perf report -i "$TMP/perf.data" --no-children -g none --stdio "$@" 2>/dev/null | grep -E '^ +[0-9]' | sed 's/  *$//' ; }
 rep --sort symbol | head -"${TOP:-40}"
 echo "== by shared object =="; rep --sort dso | head -8
@@ -48,3 +62,18 @@ echo "== meshgate binary only (userspace Rust: meshgate, hyper, tokio, http, rus
 rep --sort symbol --dsos meshgate | head -25
 echo "== syscalls entered (kernel entry points by caller) =="
 perf report -i "$TMP/perf.data" --children -g none --stdio --sort symbol 2>/dev/null | grep -E '^ +[0-9].*(__x64_sys|do_syscall)' | sed 's/  *$//' | head -15
+if [ -n "${CALLERS:-}" ]; then
+  # CALLERS=sym1,sym2: who calls these symbols (caller call chains, folded).
+  IFS=, read -ra syms <<<"$CALLERS"
+  for s in "${syms[@]}"; do
+    echo "== callers of $s =="
+    perf report -i "$TMP/perf.data" --no-children -G --stdio --symbols "$s" -g caller,0.5,callee,function,percent --no-inline 2>/dev/null |
+      grep -v '^#' | grep -v '^$' | head -60
+  done
+fi
+if [ -n "${INCLUSIVE:-}" ]; then
+  # INCLUSIVE=regex: inclusive (children) share of the symbols matching it.
+  echo "== inclusive time of symbols matching $INCLUSIVE =="
+  perf report -i "$TMP/perf.data" --children -g none --stdio --sort symbol 2>/dev/null |
+    grep -E '^ +[0-9]' | grep -E "$INCLUSIVE" | sed 's/  *$//' | cut -c1-170 | head -40
+fi

@@ -1,5 +1,5 @@
 //! The response body sent downstream: the upstream body streamed frame by frame (data and
-//! trailers, never buffered) or a small local body, counting bytes. When it ends or is dropped
+//! trailers, never buffered; from hyper's client or meshgate's own) or a small local body, counting bytes. When it ends or is dropped
 //! it releases the endpoint's in-flight count and its pooled upstream connection, and emits the
 //! access log record.
 
@@ -11,6 +11,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::accesslog::{AccessLog, AccessRecord};
+use super::h1client::{BoxError, RawBody};
 use super::h1pool::PooledConn;
 use crate::stats::InFlight;
 
@@ -25,6 +26,8 @@ pub struct PendingLog {
 #[derive(Debug)]
 enum Source {
     Upstream(Incoming),
+    /// Read by meshgate's own HTTP/1 client ([`super::h1client`]).
+    Raw(RawBody),
     Local(Option<Bytes>),
 }
 
@@ -46,6 +49,16 @@ impl ProxyBody {
             bytes: 0,
             log: None,
             in_flight,
+            conn: None,
+        }
+    }
+
+    pub(crate) fn raw(body: RawBody, in_flight: InFlight) -> ProxyBody {
+        ProxyBody {
+            source: Source::Raw(body),
+            bytes: 0,
+            log: None,
+            in_flight: Some(in_flight),
             conn: None,
         }
     }
@@ -83,15 +96,18 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let frame = match &mut this.source {
-            Source::Upstream(body) => std::task::ready!(Pin::new(body).poll_frame(cx)),
+            Source::Upstream(body) => {
+                std::task::ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(Into::into))
+            }
+            Source::Raw(body) => std::task::ready!(Pin::new(body).poll_frame(cx)),
             Source::Local(data) => data.take().map(|d| Ok(Frame::data(d))),
         };
         match &frame {
@@ -108,6 +124,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Upstream(b) => b.is_end_stream(),
+            Source::Raw(b) => b.is_end_stream(),
             Source::Local(d) => d.is_none(),
         }
     }
@@ -115,6 +132,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             Source::Upstream(b) => b.size_hint(),
+            Source::Raw(b) => b.size_hint(),
             Source::Local(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }

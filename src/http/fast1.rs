@@ -30,8 +30,11 @@ use tokio::time::Instant;
 
 use super::accesslog::{unix_ms, AccessRecord};
 use super::error::{is_idempotent, ProxyError};
-use super::h1pool::{connect_tcp, Reusable};
-use super::proxy::ConnState;
+use super::h1pool::{idle_or_connect, Reusable};
+use super::h1wire::{
+    eq, parse_len, put_header, tokens, BadChunk, BodyLeft, Framing, ResponseFraming,
+};
+use super::proxy::{within, ConnState};
 use super::router::Target;
 use super::rule::RequestView;
 use crate::balance::{Exclude, PickContext};
@@ -44,8 +47,6 @@ use crate::proxy::copy::read_some;
 const MAX_PARSED_HEADERS: usize = 128;
 /// Largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Largest chunk-size line extension or trailer section passed through.
-const MAX_CHUNK_META: usize = 8 * 1024;
 
 impl Reusable for TcpStream {
     /// Still open and silent. A connection goes idle right after the short read that ended
@@ -57,169 +58,6 @@ impl Reusable for TcpStream {
             self.try_io(tokio::io::Interest::READABLE, || Ok(())),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock
         )
-    }
-}
-
-/// How a message body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    Empty,
-    Length(u64),
-    Chunked,
-    UntilClose,
-}
-
-/// Follows chunked framing (RFC 9112 §7.1) over bytes passed through unchanged, to find where
-/// the message ends.
-#[derive(Debug, Default)]
-struct Chunked {
-    state: ChunkState,
-    size: u64,
-    digits: u8,
-    meta: usize,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    #[default]
-    Size,
-    Ext,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    TrailerStart,
-    TrailerLine,
-    EndLf,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct BadChunk;
-
-impl Chunked {
-    /// Scan the next bytes of the body: `Some(n)` when the message ends after `n` of them,
-    /// `None` when all belong to it and more are needed.
-    fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, BadChunk> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < data.len() {
-            let b = data[i];
-            match self.state {
-                Size => match (b as char).to_digit(16) {
-                    Some(v) => {
-                        if self.digits >= 15 {
-                            return Err(BadChunk);
-                        }
-                        self.size = self.size * 16 + u64::from(v);
-                        self.digits += 1;
-                    }
-                    None if self.digits == 0 => return Err(BadChunk),
-                    None => match b {
-                        b';' | b' ' | b'\t' => self.state = Ext,
-                        b'\r' => self.state = SizeLf,
-                        _ => return Err(BadChunk),
-                    },
-                },
-                Ext => match b {
-                    b'\r' => self.state = SizeLf,
-                    b'\n' => return Err(BadChunk),
-                    _ => self.meta_byte()?,
-                },
-                SizeLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk);
-                    }
-                    self.state = if self.size == 0 { TrailerStart } else { Data };
-                }
-                Data => {
-                    let take = self.size.min((data.len() - i) as u64);
-                    self.size -= take;
-                    i += take as usize;
-                    if self.size == 0 {
-                        self.state = DataCr;
-                    }
-                    continue;
-                }
-                DataCr => {
-                    if b != b'\r' {
-                        return Err(BadChunk);
-                    }
-                    self.state = DataLf;
-                }
-                DataLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk);
-                    }
-                    self.state = Size;
-                    self.digits = 0;
-                }
-                TrailerStart => {
-                    if b == b'\r' {
-                        self.state = EndLf;
-                    } else {
-                        self.meta_byte()?;
-                        self.state = TrailerLine;
-                    }
-                }
-                TrailerLine => {
-                    self.meta_byte()?;
-                    if b == b'\n' {
-                        self.state = TrailerStart;
-                    }
-                }
-                EndLf => {
-                    if b != b'\n' {
-                        return Err(BadChunk);
-                    }
-                    return Ok(Some(i + 1));
-                }
-            }
-            i += 1;
-        }
-        Ok(None)
-    }
-
-    fn meta_byte(&mut self) -> Result<(), BadChunk> {
-        self.meta += 1;
-        if self.meta > MAX_CHUNK_META {
-            return Err(BadChunk);
-        }
-        Ok(())
-    }
-}
-
-/// Tracks how much of a body has passed.
-#[derive(Debug)]
-enum BodyLeft {
-    Length(u64),
-    Chunked(Chunked),
-    UntilClose,
-}
-
-impl BodyLeft {
-    fn new(f: Framing) -> Option<BodyLeft> {
-        match f {
-            Framing::Empty | Framing::Length(0) => None,
-            Framing::Length(n) => Some(BodyLeft::Length(n)),
-            Framing::Chunked => Some(BodyLeft::Chunked(Chunked::default())),
-            Framing::UntilClose => Some(BodyLeft::UntilClose),
-        }
-    }
-
-    /// How many of `data`'s bytes belong to the body, and whether the body ends there.
-    fn take(&mut self, data: &[u8]) -> Result<(usize, bool), BadChunk> {
-        match self {
-            BodyLeft::Length(left) => {
-                let n = (*left).min(data.len() as u64);
-                *left -= n;
-                Ok((n as usize, *left == 0))
-            }
-            BodyLeft::Chunked(c) => Ok(match c.scan(data)? {
-                Some(n) => (n, true),
-                None => (data.len(), false),
-            }),
-            BodyLeft::UntilClose => Ok((data.len(), false)),
-        }
     }
 }
 
@@ -442,32 +280,6 @@ async fn next_request(conn: &ConnState, c: &mut Client) -> io::Result<Option<Par
             Err(e) => return Err(e),
         }
     }
-}
-
-fn eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.eq_ignore_ascii_case(b)
-}
-
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|b| *b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-}
-
-fn parse_len(v: &[u8]) -> Option<u64> {
-    let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
-}
-
-/// Append `name: value\r\n`.
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Up to 8 header names listed in `Connection` (hop-by-hop by declaration).
@@ -738,48 +550,28 @@ fn parse_response(
         return Err(ProxyError::UpstreamProtocol);
     }
     let interim = (100..200).contains(&status);
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut coded = false;
+    let mut framing = ResponseFraming::default();
     let mut reusable = version == 1;
     let mut named = Named::default();
     for h in resp.headers.iter() {
         let v = h.value;
-        match h.name.len() {
-            14 if eq(h.name, "content-length") => match (parse_len(v), length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                _ => return Err(ProxyError::UpstreamProtocol),
-            },
-            17 if eq(h.name, "transfer-encoding") => {
-                coded = true;
-                chunked = tokens(v)
-                    .last()
-                    .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-            }
-            10 if eq(h.name, "connection") => {
-                for t in tokens(v) {
-                    if t.eq_ignore_ascii_case(b"close") {
-                        reusable = false;
-                    } else if !t.eq_ignore_ascii_case(b"keep-alive") {
-                        named.add(t);
-                    }
+        if framing
+            .note(h.name, v)
+            .map_err(|_| ProxyError::UpstreamProtocol)?
+        {
+            continue;
+        }
+        if eq(h.name, "connection") {
+            for t in tokens(v) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    reusable = false;
+                } else if !t.eq_ignore_ascii_case(b"keep-alive") {
+                    named.add(t);
                 }
             }
-            _ => {}
         }
     }
-    let body = if interim || head_request || status == 204 || status == 304 {
-        Framing::Empty
-    } else if chunked {
-        Framing::Chunked
-    } else if coded {
-        Framing::UntilClose
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else {
-        Framing::UntilClose
-    };
+    let body = framing.framing(status, head_request);
     if body == Framing::UntilClose {
         reusable = false;
     }
@@ -888,25 +680,23 @@ async fn exchange(
             rec.attempts = attempt + 1;
         }
         let idle = conn.ctx.upstreams.raw.idle(endpoint.addr);
-        let pooled = if fresh_used {
-            None
-        } else {
-            idle.pop(Instant::now())
-        };
-        let reused = pooled.is_some();
-        let mut up = match pooled {
-            Some(s) => s,
-            None => match connect_tcp(endpoint.addr, spec.timeouts.connect).await {
-                Ok(s) => s,
-                Err(e) => {
-                    endpoint.stats.record_failure(now_ms);
-                    tracing::debug!(service = %req.target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
-                    last_error = e;
-                    exclude.insert(idx);
-                    attempt += 1;
-                    continue;
-                }
-            },
+        let (mut up, reused) = match idle_or_connect(
+            &idle,
+            fresh_used,
+            endpoint.addr,
+            spec.timeouts.connect,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                endpoint.stats.record_failure(now_ms);
+                tracing::debug!(service = %req.target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
+                last_error = e;
+                exclude.insert(idx);
+                attempt += 1;
+                continue;
+            }
         };
         let in_flight = endpoint.stats.start();
         // Head and buffered body in one write.
@@ -1060,12 +850,7 @@ where
             }
         }
     };
-    match timeout {
-        Some(limit) => tokio::time::timeout(limit, fut)
-            .await
-            .unwrap_or(Err(ProxyError::ResponseTimeout)),
-        None => fut.await,
-    }
+    within(timeout, fut).await
 }
 
 /// Stream the rest of a request body from the client while waiting for the response head.
@@ -1281,51 +1066,6 @@ impl AsyncWrite for Rewind {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const BODY: &[u8] =
-        b"5;ext=\"x\"\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nx-t: 1\r\ny: 2\r\n\r\n";
-
-    #[test]
-    fn chunked_end_is_found_at_every_split() {
-        for split in 0..=BODY.len() {
-            let mut c = Chunked::default();
-            let mut data = BODY.to_vec();
-            data.extend_from_slice(b"NEXT");
-            let first = c.scan(&data[..split]).unwrap();
-            let end = match first {
-                Some(n) => n,
-                None => split + c.scan(&data[split..]).unwrap().expect("ends"),
-            };
-            assert_eq!(end, BODY.len(), "split at {split}");
-        }
-    }
-
-    #[test]
-    fn chunked_without_trailers_and_bad_input() {
-        let mut c = Chunked::default();
-        assert_eq!(c.scan(b"0\r\n\r\n"), Ok(Some(5)));
-        for bad in [
-            &b"x\r\n"[..],
-            b"5\r\nhelloXX",
-            b"5\nhello",
-            b"fffffffffffffffff\r\n",
-            b"\r\n",
-        ] {
-            assert_eq!(Chunked::default().scan(bad), Err(BadChunk), "{bad:?}");
-        }
-        let mut long = b"0\r\n".to_vec();
-        long.extend(std::iter::repeat_n(b'a', MAX_CHUNK_META + 1));
-        assert_eq!(Chunked::default().scan(&long), Err(BadChunk));
-    }
-
-    #[test]
-    fn length_bodies_stop_at_their_end() {
-        let mut b = BodyLeft::new(Framing::Length(5)).unwrap();
-        assert_eq!(b.take(b"abc"), Ok((3, false)));
-        assert_eq!(b.take(b"defGET"), Ok((2, true)));
-        assert!(BodyLeft::new(Framing::Length(0)).is_none());
-        assert!(BodyLeft::new(Framing::Empty).is_none());
-    }
 
     fn response(raw: &[u8], head: bool, close: bool) -> (Response, String) {
         let mut out = Vec::new();

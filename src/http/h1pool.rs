@@ -289,6 +289,22 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ProxyErr
     Ok(sender)
 }
 
+/// A usable idle connection from `idle` (unless `fresh` is asked for), else a new one to
+/// `addr`; and whether it was reused.
+pub async fn idle_or_connect(
+    idle: &Idle<TcpStream>,
+    fresh: bool,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, bool), ProxyError> {
+    if !fresh {
+        if let Some(s) = idle.pop(Instant::now()) {
+            return Ok((s, true));
+        }
+    }
+    Ok((connect_tcp(addr, timeout).await?, false))
+}
+
 /// A new TCP connection to `addr` (TCP_NODELAY set), classified on failure.
 pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {

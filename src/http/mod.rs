@@ -9,8 +9,10 @@
 //!    upstreams…). On `tls_passthrough` entrypoints [`passthrough`] routes the raw TLS bytes by
 //!    SNI instead.
 //! 2. [`proxy`]: per request, route lookup in the current table's [`router::HttpTable`]
-//!    (rules from [`rule`]), endpoint pick, header hygiene ([`headers`]), forwarding through
-//!    the pooled clients ([`upstream`]) with retries; every failure is a [`error::ProxyError`].
+//!    (rules from [`rule`]), endpoint pick, header hygiene ([`headers`]), forwarding with
+//!    retries; every failure is a [`error::ProxyError`]. Bodyless requests to HTTP/1.1
+//!    endpoints go through meshgate's own client ([`h1client`], framing in [`h1wire`]) on the
+//!    fast path's bare pooled sockets; the rest through the pooled hyper clients ([`upstream`]).
 //! 3. [`body`]: the response body streamed back, then one [`accesslog`] line.
 //!
 //! Long-lived state (pools, certificates, access log) lives in [`HttpContext`] and survives
@@ -20,7 +22,9 @@ pub mod accesslog;
 pub mod body;
 pub mod error;
 pub mod fast1;
+pub mod h1client;
 pub mod h1pool;
+pub mod h1wire;
 pub mod headers;
 pub mod passthrough;
 pub mod proxy;

@@ -23,9 +23,12 @@ use tokio_util::sync::CancellationToken;
 use super::accesslog::{unix_ms, AccessRecord};
 use super::body::{PendingLog, ProxyBody};
 use super::error::{classify_client_error, ProxyError};
+use super::h1client::{self, RawBody};
+use super::h1pool::PooledConn;
 use super::headers::{set_forwarding, strip_hop_by_hop, ForwardInfo};
 use super::router::{EntrypointSettings, Target};
 use super::rule::RequestView;
+use super::upstream::UpstreamBody;
 use super::HttpContext;
 use crate::balance::{Exclude, PickContext};
 use crate::clock;
@@ -220,6 +223,8 @@ async fn proxy(
         Either::Left(body)
     });
     let mut parts = Some(parts);
+    // Bodyless requests to plain HTTP/1.1 endpoints go through meshgate's own client.
+    let inline = target.protocol == HttpUpstream::Http1 && bodyless && !upgrade;
     let pool = target.pool();
     let mut exclude = Exclude::default();
     let mut last_error = ProxyError::NoEndpoint;
@@ -249,101 +254,61 @@ async fn proxy(
             rec.endpoint = Some(endpoint.addr);
             rec.attempts = attempt + 1;
         }
-        // The last attempt takes the head by value; earlier ones send a copy.
-        let head = if attempt + 1 == max_attempts {
-            parts.take().expect("head kept until the last attempt")
-        } else {
-            copy_head(parts.as_ref().expect("head kept until the last attempt"))
-        };
-        let out_body = if attempt + 1 == max_attempts || !bodyless {
-            body.take().expect("body kept until the last attempt")
-        } else {
-            Either::Right(Empty::new())
-        };
-        let mut out = Request::from_parts(head, out_body);
-        let own_pool = target.protocol == HttpUpstream::Http1;
-        if own_pool {
-            // Our own HTTP/1 connection: the URI is written as is, so origin-form.
-            if out.uri().scheme().is_some() || out.uri().path_and_query().is_none() {
-                let pq = out
-                    .uri()
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-                *out.uri_mut() = Uri::from(pq);
-            }
-            *out.version_mut() = Version::HTTP_11;
-        } else {
-            let scheme = if target.protocol == HttpUpstream::Https {
-                http::uri::Scheme::HTTPS
-            } else {
-                http::uri::Scheme::HTTP
-            };
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(scheme);
-            uri.authority = Some(target.authorities[idx].clone());
-            uri.path_and_query = out
-                .uri()
-                .path_and_query()
-                .cloned()
-                .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-            *out.uri_mut() = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
-            *out.version_mut() = if target.protocol == HttpUpstream::H2c {
-                Version::HTTP_2
-            } else {
-                Version::HTTP_11
-            };
-        }
-
         let in_flight = endpoint.stats.start();
-        let result = if own_pool {
-            let fut = conn
-                .ctx
-                .upstreams
-                .h1
-                .send(endpoint.addr, spec.timeouts.connect, out);
-            match spec.timeouts.response {
-                Some(limit) => tokio::time::timeout(limit, fut)
-                    .await
-                    .map_err(|_| ProxyError::ResponseTimeout)
-                    .and_then(|r| r.map(|(resp, c)| (resp, Some(c)))),
-                None => fut.await.map(|(resp, c)| (resp, Some(c))),
-            }
+        let result = if inline {
+            // meshgate's own client writes the head from the request as it is: no copy.
+            let head = parts.as_ref().expect("head kept until the last attempt");
+            let fut = h1client::send(
+                &conn.ctx.upstreams.raw,
+                endpoint.addr,
+                spec.timeouts.connect,
+                head,
+            );
+            within(spec.timeouts.response, fut).await.map(Answer::Raw)
         } else {
-            let fut = conn
-                .ctx
-                .upstreams
-                .client(target.protocol, spec.timeouts.connect)
-                .request(out);
-            match spec.timeouts.response {
-                Some(limit) => tokio::time::timeout(limit, fut)
-                    .await
-                    .map_err(|_| ProxyError::ResponseTimeout)
-                    .and_then(|r| r.map_err(|e| classify_client_error(&e))),
-                None => fut.await.map_err(|e| classify_client_error(&e)),
-            }
-            .map(|resp| (resp, None))
+            // The last attempt takes the head by value; earlier ones send a copy.
+            let head = if attempt + 1 == max_attempts {
+                parts.take().expect("head kept until the last attempt")
+            } else {
+                copy_head(parts.as_ref().expect("head kept until the last attempt"))
+            };
+            let out_body = if attempt + 1 == max_attempts || !bodyless {
+                body.take().expect("body kept until the last attempt")
+            } else {
+                Either::Right(Empty::new())
+            };
+            send_hyper(conn, &target, idx, Request::from_parts(head, out_body)).await
         };
         let now_ns = clock::now_ns();
         match result {
-            Ok((mut resp, pooled)) => {
+            Ok(answer) => {
                 endpoint.stats.record_success();
                 endpoint.stats.record_latency(now_ns - sent_ns, now_ns);
                 if let Some(rec) = record.as_deref_mut() {
                     rec.upstream_us = now_ns.saturating_sub(started_ns) / 1000;
                 }
-                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                if let (true, Some(down)) = (switching, downstream_upgrade) {
-                    let up = hyper::upgrade::on(&mut resp);
-                    // The connection now belongs to the tunnel.
-                    if let Some(c) = pooled {
-                        c.discard();
+                let mut resp = match answer {
+                    Answer::Raw(resp) => resp.map(|b| ProxyBody::raw(b, in_flight)),
+                    Answer::Hyper(mut resp, pooled) => {
+                        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                        if let (true, Some(down)) = (switching, downstream_upgrade) {
+                            let up = hyper::upgrade::on(&mut resp);
+                            // The connection now belongs to the tunnel.
+                            if let Some(c) = pooled {
+                                c.discard();
+                            }
+                            let shutdown = conn.shutdown.clone();
+                            tokio::spawn(tunnel(down, up, in_flight, shutdown));
+                            strip_hop_by_hop(resp.headers_mut(), true);
+                            return Ok(resp.map(|_| ProxyBody::local(Bytes::new())));
+                        }
+                        resp.map(|b| {
+                            let mut body = ProxyBody::upstream(b, Some(in_flight));
+                            body.set_conn(pooled);
+                            body
+                        })
                     }
-                    let shutdown = conn.shutdown.clone();
-                    tokio::spawn(tunnel(down, up, in_flight, shutdown));
-                    strip_hop_by_hop(resp.headers_mut(), true);
-                    return Ok(resp.map(|_| ProxyBody::local(Bytes::new())));
-                }
+                };
                 strip_hop_by_hop(resp.headers_mut(), false);
                 if let Some(sticky) = &target.sticky {
                     if sticky_idx != Some(idx) {
@@ -351,11 +316,7 @@ async fn proxy(
                             .append(header::SET_COOKIE, sticky.set_cookie[idx].clone());
                     }
                 }
-                return Ok(resp.map(|b| {
-                    let mut body = ProxyBody::upstream(b, Some(in_flight));
-                    body.set_conn(pooled);
-                    body
-                }));
+                return Ok(resp);
             }
             Err(e) => {
                 if e.is_connect_failure() {
@@ -370,6 +331,83 @@ async fn proxy(
         }
     }
     Err(last_error)
+}
+
+/// What an endpoint answered, through hyper's client or meshgate's own.
+enum Answer {
+    Hyper(Response<Incoming>, Option<PooledConn>),
+    Raw(Response<RawBody>),
+}
+
+/// `fut` bounded by the service's response timeout, if it has one.
+pub(super) async fn within<T>(
+    limit: Option<std::time::Duration>,
+    fut: impl std::future::Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, fut)
+            .await
+            .unwrap_or(Err(ProxyError::ResponseTimeout)),
+        None => fut.await,
+    }
+}
+
+/// One attempt through hyper: meshgate's HTTP/1 pool (requests with a body, upgrades), or
+/// hyper-util's pooled client (h2c and https endpoints).
+async fn send_hyper(
+    conn: &ConnState,
+    target: &Target,
+    idx: usize,
+    mut out: Request<UpstreamBody>,
+) -> Result<Answer, ProxyError> {
+    let spec = &target.service.spec;
+    let addr = target.pool().endpoints[idx].addr;
+    if target.protocol == HttpUpstream::Http1 {
+        // Our own HTTP/1 connection: the URI is written as is, so origin-form.
+        if out.uri().scheme().is_some() || out.uri().path_and_query().is_none() {
+            let pq = out
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            *out.uri_mut() = Uri::from(pq);
+        }
+        *out.version_mut() = Version::HTTP_11;
+        let fut = conn.ctx.upstreams.h1.send(addr, spec.timeouts.connect, out);
+        return within(spec.timeouts.response, fut)
+            .await
+            .map(|(resp, c)| Answer::Hyper(resp, Some(c)));
+    }
+    let scheme = if target.protocol == HttpUpstream::Https {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(scheme);
+    uri.authority = Some(target.authorities[idx].clone());
+    uri.path_and_query = out
+        .uri()
+        .path_and_query()
+        .cloned()
+        .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    *out.uri_mut() = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
+    *out.version_mut() = if target.protocol == HttpUpstream::H2c {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let fut = async {
+        conn.ctx
+            .upstreams
+            .client(target.protocol, spec.timeouts.connect)
+            .request(out)
+            .await
+            .map_err(|e| classify_client_error(&e))
+    };
+    within(spec.timeouts.response, fut)
+        .await
+        .map(|resp| Answer::Hyper(resp, None))
 }
 
 /// Copy of a request head for a retry (extensions are not needed upstream).

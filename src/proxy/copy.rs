@@ -16,6 +16,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -149,10 +150,19 @@ pub(crate) mod bufs {
 /// wait then goes straight to epoll instead of first costing a `recv` that returns `EAGAIN`:
 /// one syscall less per message.
 pub(crate) async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_some(stream, cx, buf)).await
+}
+
+/// [`read_some`] for `poll` code (a response body read by hyper).
+pub(crate) fn poll_read_some(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut Vec<u8>,
+) -> Poll<io::Result<usize>> {
     let spare = buf.capacity() - buf.len();
     debug_assert!(spare > 0);
     loop {
-        stream.readable().await?;
+        std::task::ready!(stream.poll_read_ready(cx))?;
         let mut got = 0;
         let read = stream.try_io(Interest::READABLE, || {
             let n = stream.try_read_buf(buf)?;
@@ -164,13 +174,13 @@ pub(crate) async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Resu
             }
         });
         match read {
-            Ok(n) => return Ok(n),
+            Ok(n) => return Poll::Ready(Ok(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if got > 0 {
-                    return Ok(got);
+                    return Poll::Ready(Ok(got));
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }

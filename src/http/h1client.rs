@@ -1,0 +1,720 @@
+//! meshgate's own HTTP/1.1 client for the bodyless requests that hyper serves (HTTP/2 and TLS
+//! clients, and HTTP/1 connections handed over by [`super::fast1`]), towards plain HTTP/1.1
+//! endpoints.
+//!
+//! hyper's client runs every upstream connection as its own task: a request crosses a channel
+//! to that task and its response crosses back, two task wake-ups and a context switch of the
+//! scheduler per request, plus a read that ends in `EAGAIN` after each response. Here the
+//! request's own task writes the head on a bare pooled socket ([`EndpointPools`], the same
+//! pool as the fast path's), reads the response head with httparse, and, when the whole body
+//! came with it (small responses: the usual case), puts the connection back at once and
+//! answers from memory. A longer body is read by the response body itself ([`RawBody`]) as hyper
+//! polls it, decoded (`Content-Length`, chunked with trailers, or until close), and the
+//! connection goes back when the body ends.
+//!
+//! Requests with a body, and upgrades, stay on hyper's client ([`super::h1pool::H1Pool`]):
+//! their body must stream upstream while the response may already arrive.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::error::{is_idempotent, ProxyError};
+use super::h1pool::{idle_or_connect, EndpointPools, Idle};
+use super::h1wire::{eq, tokens, Chunked, Decoded, Framing, ResponseFraming, MAX_CHUNK_META};
+use crate::proxy::copy::bufs::{self, BUF_SIZE};
+use crate::proxy::copy::{poll_read_some, read_some};
+
+/// Headers parsed in a response head.
+const MAX_RESPONSE_HEADERS: usize = 128;
+/// Largest response head.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Send a bodyless request (origin-form target taken from the URI, headers already cleaned,
+/// `Host` present) to `addr` on an idle pooled connection or a new one.
+///
+/// A pooled connection found closed when it is written to, or that closes before any response
+/// byte for an idempotent request, is replaced once by a new connection to the same endpoint.
+pub(crate) async fn send(
+    pools: &EndpointPools<TcpStream>,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    req: &http::request::Parts,
+) -> Result<Response<RawBody>, ProxyError> {
+    let mut buf = bufs::take();
+    write_head(req, &mut buf);
+    let idle = pools.idle(addr);
+    let mut fresh = false;
+    let result = loop {
+        let (mut up, reused) = match idle_or_connect(&idle, fresh, addr, connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => break Err(e),
+        };
+        if up.write_all(&buf).await.is_err() {
+            if reused {
+                fresh = true;
+                continue;
+            }
+            break Err(ProxyError::NotSent);
+        }
+        buf.clear();
+        match read_head(&up, &mut buf, req.method == Method::HEAD).await {
+            Ok(head) => break Ok((up, head)),
+            Err(Failed::Silent) if reused && is_idempotent(&req.method) => {
+                // An idle connection closed just as it was reused: once, on a new one.
+                fresh = true;
+                write_head(req, &mut buf);
+            }
+            Err(Failed::Silent) => break Err(ProxyError::ResetBeforeResponse),
+            Err(Failed::Error(e)) => break Err(e),
+        }
+    };
+    let (up, head) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            bufs::give(buf);
+            return Err(e);
+        }
+    };
+    let mut resp = Response::new(RawBody::empty());
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    let after = head.head_len;
+    let (body, upstream) = RawBody::start(head.framing, up, buf, after, head.reusable, idle);
+    *resp.body_mut() = body;
+    if let Some((up, idle)) = upstream {
+        idle.push(up);
+    }
+    Ok(resp)
+}
+
+/// `METHOD target HTTP/1.1`, the headers, and `content-length: 0` where a body is expected.
+fn write_head(req: &http::request::Parts, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut length_sent = false;
+    for (name, value) in &req.headers {
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            // The body is empty whatever the client declared.
+            length_sent = true;
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if length_sent || matches!(req.method, Method::POST | Method::PUT | Method::PATCH) {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+    head_len: usize,
+    framing: Framing,
+    reusable: bool,
+}
+
+enum Failed {
+    /// The connection ended (or failed) before any response byte.
+    Silent,
+    Error(ProxyError),
+}
+
+/// Read until the final (non-1xx) response head is complete; its body's first bytes follow
+/// it in `buf`.
+async fn read_head(up: &TcpStream, buf: &mut Vec<u8>, head_request: bool) -> Result<Head, Failed> {
+    let mut any = false;
+    loop {
+        if buf.len() == buf.capacity() {
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(Failed::Error(ProxyError::UpstreamProtocol));
+            }
+            buf.reserve(BUF_SIZE);
+        }
+        match read_some(up, buf).await {
+            Ok(0) | Err(_) if !any => return Err(Failed::Silent),
+            Ok(0) | Err(_) => return Err(Failed::Error(ProxyError::ResetBeforeResponse)),
+            Ok(_) => any = true,
+        }
+        while let Some(head) = parse_head(buf, head_request).map_err(Failed::Error)? {
+            if head.status.is_informational() {
+                // 100 Continue, 103 Early Hints: not passed on to hyper's clients.
+                buf.drain(..head.head_len);
+                continue;
+            }
+            return Ok(head);
+        }
+    }
+}
+
+fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyError> {
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(data) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(ProxyError::UpstreamProtocol),
+    };
+    let (Some(code), Some(version)) = (resp.code, resp.version) else {
+        return Err(ProxyError::UpstreamProtocol);
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| ProxyError::UpstreamProtocol)?;
+    if code == 101 {
+        // No upgrade was asked for on this path.
+        return Err(ProxyError::UpstreamProtocol);
+    }
+    let mut framing = ResponseFraming::default();
+    let mut reusable = version == 1;
+    let mut map = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let v = h.value;
+        let framing_header = framing
+            .note(h.name, v)
+            .map_err(|_| ProxyError::UpstreamProtocol)?;
+        if !framing_header
+            && eq(h.name, "connection")
+            && tokens(v).any(|t| t.eq_ignore_ascii_case(b"close"))
+        {
+            reusable = false;
+        }
+        if eq(h.name, "content-length") && map.contains_key(http::header::CONTENT_LENGTH) {
+            continue; // a repeated (equal) length
+        }
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ProxyError::UpstreamProtocol)?;
+        let value = HeaderValue::from_bytes(v).map_err(|_| ProxyError::UpstreamProtocol)?;
+        map.append(name, value);
+    }
+    if framing.length_overridden() {
+        // RFC 9112 §6.3: Transfer-Encoding wins; the length must not be passed on.
+        map.remove(http::header::CONTENT_LENGTH);
+    }
+    let framing = framing.framing(code, head_request);
+    if framing == Framing::UntilClose {
+        reusable = false;
+    }
+    Ok(Some(Head {
+        status,
+        headers: map,
+        head_len,
+        framing,
+        reusable,
+    }))
+}
+
+/// A response body read from a bare upstream connection.
+pub(crate) struct RawBody {
+    state: State,
+}
+
+enum State {
+    /// Everything is here: data (if any), then trailers (if any).
+    Whole(Option<Bytes>, Option<HeaderMap>),
+    Streaming(Box<Streaming>),
+}
+
+struct Streaming {
+    up: TcpStream,
+    /// Bytes read and not yet consumed are `buf[pos..]`.
+    buf: Vec<u8>,
+    pos: usize,
+    left: Left,
+    reusable: bool,
+    idle: Arc<Idle<TcpStream>>,
+}
+
+enum Left {
+    Length(u64),
+    Chunked(Chunked, Decoded),
+    UntilClose,
+}
+
+type Upstream = Option<(TcpStream, Arc<Idle<TcpStream>>)>;
+
+impl RawBody {
+    fn empty() -> RawBody {
+        RawBody {
+            state: State::Whole(None, None),
+        }
+    }
+
+    /// The body after a head of `head_len` bytes in `buf`. When the body is complete in `buf`,
+    /// the connection is handed back for the pool (if it may be reused) with the body.
+    fn start(
+        framing: Framing,
+        up: TcpStream,
+        buf: Vec<u8>,
+        head_len: usize,
+        reusable: bool,
+        idle: Arc<Idle<TcpStream>>,
+    ) -> (RawBody, Upstream) {
+        let rest = &buf[head_len..];
+        let whole = match framing {
+            Framing::Empty | Framing::Length(0) => Some((None, None, 0)),
+            Framing::Length(n) if n <= rest.len() as u64 => {
+                let data = Bytes::copy_from_slice(&rest[..n as usize]);
+                Some((Some(data), None, n as usize))
+            }
+            Framing::Chunked => {
+                let mut d = Decoded::default();
+                match Chunked::default().decode(rest, &mut d) {
+                    Ok(Some(used)) => {
+                        let data = (!d.data.is_empty()).then(|| d.data.freeze());
+                        Some((data, parse_trailers(&d.trailers), used))
+                    }
+                    // Incomplete or malformed: the streaming body reads on, or reports it.
+                    _ => None,
+                }
+            }
+            Framing::Length(_) | Framing::UntilClose => None,
+        };
+        let rest_len = rest.len();
+        if let Some((data, trailers, used)) = whole {
+            // Bytes beyond the body are a protocol error of the endpoint: no reuse.
+            let back = (reusable && used == rest_len).then_some((up, idle));
+            bufs::give(buf);
+            let body = RawBody {
+                state: State::Whole(data, trailers),
+            };
+            return (body, back);
+        }
+        let (left, reusable) = match framing {
+            Framing::Length(n) => (Left::Length(n), reusable),
+            Framing::Chunked => (
+                Left::Chunked(Chunked::default(), Decoded::default()),
+                reusable,
+            ),
+            _ => (Left::UntilClose, false),
+        };
+        let s = Streaming {
+            up,
+            buf,
+            pos: head_len,
+            left,
+            reusable,
+            idle,
+        };
+        let body = RawBody {
+            state: State::Streaming(Box::new(s)),
+        };
+        (body, None)
+    }
+}
+
+/// Trailer lines (`name: value\r\n`…) as a header map; malformed ones are dropped.
+fn parse_trailers(raw: &[u8]) -> Option<HeaderMap> {
+    if raw.is_empty() || raw.len() > MAX_CHUNK_META {
+        return None;
+    }
+    let mut block = Vec::with_capacity(raw.len() + 2);
+    block.extend_from_slice(raw);
+    block.extend_from_slice(b"\r\n");
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let Ok(httparse::Status::Complete((_, parsed))) = httparse::parse_headers(&block, &mut headers)
+    else {
+        return None;
+    };
+    let mut map = HeaderMap::with_capacity(parsed.len());
+    for h in parsed {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) {
+            map.append(n, v);
+        }
+    }
+    (!map.is_empty()).then_some(map)
+}
+
+fn body_error(what: &'static str) -> BoxError {
+    Box::new(io::Error::new(io::ErrorKind::UnexpectedEof, what))
+}
+
+impl Streaming {
+    /// The next frame, reading from the connection as needed.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, BoxError>> {
+        loop {
+            if self.ended() {
+                return Poll::Ready(Ok(None));
+            }
+            if self.pos < self.buf.len() {
+                let avail = &self.buf[self.pos..];
+                match &mut self.left {
+                    Left::Length(n) => {
+                        let take = (*n).min(avail.len() as u64) as usize;
+                        let data = Bytes::copy_from_slice(&avail[..take]);
+                        self.pos += take;
+                        *n -= take as u64;
+                        return Poll::Ready(Ok(Some(Frame::data(data))));
+                    }
+                    Left::UntilClose => {
+                        let data = Bytes::copy_from_slice(avail);
+                        self.pos = self.buf.len();
+                        return Poll::Ready(Ok(Some(Frame::data(data))));
+                    }
+                    Left::Chunked(c, d) => {
+                        match c.decode(avail, d) {
+                            Ok(Some(used)) => self.pos += used,
+                            Ok(None) => self.pos = self.buf.len(),
+                            Err(_) => return Poll::Ready(Err(body_error("bad chunked body"))),
+                        }
+                        if !d.data.is_empty() {
+                            return Poll::Ready(Ok(Some(Frame::data(d.data.split().freeze()))));
+                        }
+                    }
+                }
+            }
+            if self.ended() {
+                continue;
+            }
+            self.buf.clear();
+            self.pos = 0;
+            match std::task::ready!(poll_read_some(&self.up, cx, &mut self.buf)) {
+                Ok(0) if matches!(self.left, Left::UntilClose) => return Poll::Ready(Ok(None)),
+                Ok(0) => return Poll::Ready(Err(body_error("upstream closed mid-body"))),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(Box::new(e))),
+            }
+        }
+    }
+
+    fn ended(&self) -> bool {
+        match &self.left {
+            Left::Length(n) => *n == 0,
+            Left::Chunked(c, _) => c.is_done(),
+            Left::UntilClose => false,
+        }
+    }
+}
+
+impl Body for RawBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.state {
+            State::Whole(data, trailers) => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
+            State::Streaming(s) => {
+                let next = std::task::ready!(s.poll_next(cx));
+                match next {
+                    Ok(Some(frame)) => Poll::Ready(Some(Ok(frame))),
+                    Ok(None) => {
+                        // The body ended: the connection goes back (if clean), then trailers.
+                        let trailers = match &s.left {
+                            Left::Chunked(_, d) => parse_trailers(&d.trailers),
+                            _ => None,
+                        };
+                        let clean = s.reusable && s.pos == s.buf.len() && s.ended();
+                        let old = std::mem::replace(&mut this.state, State::Whole(None, None));
+                        if let State::Streaming(s) = old {
+                            let Streaming { up, buf, idle, .. } = *s;
+                            bufs::give(buf);
+                            if clean {
+                                idle.push(up);
+                            }
+                        }
+                        Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+                    }
+                    Err(e) => {
+                        this.state = State::Whole(None, None);
+                        Poll::Ready(Some(Err(e)))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Whole(None, None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            State::Whole(d, _) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            State::Streaming(s) => match s.left {
+                Left::Length(n) => SizeHint::with_exact(n),
+                _ => SizeHint::default(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for RawBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.state {
+            State::Whole(d, _) => write!(f, "RawBody(whole, {:?})", d.as_ref().map(Bytes::len)),
+            State::Streaming(_) => f.write_str("RawBody(streaming)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// One scripted answer: parts written with a short pause between them.
+    type Reply = Vec<&'static [u8]>;
+
+    struct Script {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    /// A server answering each request head with the next scripted reply; `close` closes the
+    /// connection after each reply.
+    async fn server(replies: Vec<Reply>, close: bool) -> Script {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let queue = Arc::new(Mutex::new(VecDeque::from(replies)));
+        let (a, h) = (Arc::clone(&accepted), Arc::clone(&heads));
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                a.fetch_add(1, Ordering::SeqCst);
+                let (h, q) = (Arc::clone(&h), Arc::clone(&queue));
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = buf.drain(..end + 4).collect();
+                            h.lock().unwrap().push(String::from_utf8(head).unwrap());
+                            let reply = q.lock().unwrap().pop_front().expect("a reply");
+                            for (i, part) in reply.iter().enumerate() {
+                                if i > 0 {
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                }
+                                s.write_all(part).await.unwrap();
+                            }
+                            if close {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Script {
+            addr,
+            accepted,
+            heads,
+        }
+    }
+
+    fn request(method: Method, target: &str) -> http::request::Parts {
+        let mut r = http::Request::new(());
+        *r.method_mut() = method;
+        *r.uri_mut() = target.parse().unwrap();
+        r.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("a.example"));
+        r.into_parts().0
+    }
+
+    async fn call(
+        pools: &EndpointPools<TcpStream>,
+        addr: SocketAddr,
+        req: &http::request::Parts,
+    ) -> Result<(StatusCode, HeaderMap, Bytes, Option<HeaderMap>), ProxyError> {
+        let resp = send(pools, addr, Duration::from_secs(2), req).await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let collected = resp.into_body().collect().await.expect("body");
+        let trailers = collected.trailers().cloned();
+        Ok((status, headers, collected.to_bytes(), trailers))
+    }
+
+    #[tokio::test]
+    async fn whole_bodies_reuse_the_connection() {
+        let reply: Reply = vec![b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: 1\r\n\r\nabc"];
+        let s = server(vec![reply.clone(), reply], false).await;
+        let pools = EndpointPools::default();
+        let req = request(Method::GET, "/p?q=1");
+        for _ in 0..2 {
+            let (status, headers, body, _) = call(&pools, s.addr, &req).await.unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(headers["x-a"], "1");
+            assert_eq!(headers["content-length"], "3");
+            assert_eq!(&body[..], b"abc");
+        }
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 1);
+        let heads = s.heads.lock().unwrap().clone();
+        assert_eq!(heads[0], "GET /p?q=1 HTTP/1.1\r\nhost: a.example\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn streamed_chunked_body_with_trailers_then_reuse() {
+        let chunked: Reply = vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+            b"lo\r\n6\r\n world\r\n0\r\nx-t: 1\r",
+            b"\n\r\n",
+        ];
+        let length: Reply = vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234",
+            b"56789",
+        ];
+        let s = server(vec![chunked, length], false).await;
+        let pools = EndpointPools::default();
+        let req = request(Method::GET, "/");
+        let (_, headers, body, trailers) = call(&pools, s.addr, &req).await.unwrap();
+        assert_eq!(&body[..], b"hello world");
+        assert_eq!(trailers.expect("trailers")["x-t"], "1");
+        assert!(headers.get("transfer-encoding").is_some());
+        let (_, _, body, _) = call(&pools, s.addr, &req).await.unwrap();
+        assert_eq!(&body[..], b"0123456789");
+        assert_eq!(
+            s.accepted.load(Ordering::SeqCst),
+            1,
+            "reused after streaming"
+        );
+    }
+
+    #[tokio::test]
+    async fn body_until_close_is_not_reused() {
+        let s = server(
+            vec![
+                vec![b"HTTP/1.1 200 OK\r\n\r\npart1 ", b"part2"],
+                vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
+            ],
+            true,
+        )
+        .await;
+        let pools = EndpointPools::default();
+        let req = request(Method::GET, "/");
+        let (_, _, body, _) = call(&pools, s.addr, &req).await.unwrap();
+        assert_eq!(&body[..], b"part1 part2");
+        let (status, _, body, _) = call(&pools, s.addr, &req).await.unwrap();
+        assert_eq!((status.as_u16(), body.len()), (204, 0));
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn interim_heads_head_requests_and_empty_posts() {
+        let s = server(
+            vec![
+                vec![
+                    b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                ],
+                vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"],
+                vec![b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n"],
+            ],
+            false,
+        )
+        .await;
+        let pools = EndpointPools::default();
+        let (status, _, body, _) = call(&pools, s.addr, &request(Method::GET, "/"))
+            .await
+            .unwrap();
+        assert_eq!((status.as_u16(), &body[..]), (200, &b"ok"[..]));
+        let (status, headers, body, _) = call(&pools, s.addr, &request(Method::HEAD, "/"))
+            .await
+            .unwrap();
+        assert_eq!((status.as_u16(), body.len()), (200, 0));
+        assert_eq!(headers["content-length"], "5");
+        let (status, _, _, _) = call(&pools, s.addr, &request(Method::POST, "/form"))
+            .await
+            .unwrap();
+        assert_eq!(status, 201);
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 1);
+        let heads = s.heads.lock().unwrap().clone();
+        assert_eq!(
+            heads[2],
+            "POST /form HTTP/1.1\r\nhost: a.example\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_are_classified() {
+        let s = server(
+            vec![
+                vec![b"garbage\r\n\r\n"],
+                vec![b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort"],
+            ],
+            true,
+        )
+        .await;
+        let pools = EndpointPools::default();
+        let req = request(Method::GET, "/");
+        assert_eq!(
+            call(&pools, s.addr, &req).await.unwrap_err(),
+            ProxyError::UpstreamProtocol
+        );
+        // A body cut short is an error of the body, after the head was answered.
+        let resp = send(&pools, s.addr, Duration::from_secs(2), &req)
+            .await
+            .unwrap();
+        assert!(resp.into_body().collect().await.is_err());
+        // Nothing listens on a closed port.
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        assert_eq!(
+            call(&pools, dead_addr, &req).await.unwrap_err(),
+            ProxyError::ConnectFailed
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_close_is_a_reset_before_response() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b).await;
+        });
+        let pools = EndpointPools::default();
+        assert_eq!(
+            call(&pools, addr, &request(Method::GET, "/"))
+                .await
+                .unwrap_err(),
+            ProxyError::ResetBeforeResponse
+        );
+    }
+}
