@@ -302,7 +302,8 @@ pub async fn idle_or_connect(
             return Ok((s, true));
         }
     }
-    Ok((connect_tcp(addr, timeout).await?, false))
+    // Boxed: a new connection is the exception, and its state is large for every caller.
+    Ok((Box::pin(connect_tcp(addr, timeout)).await?, false))
 }
 
 /// A new TCP connection to `addr` (TCP_NODELAY set), classified on failure.

@@ -149,20 +149,22 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
         })
 }
 
-async fn proxy(
-    conn: &ConnState,
-    mut req: Request<Incoming>,
-    mut record: Option<&mut AccessRecord>,
-    started_ns: u64,
-) -> Result<Response<ProxyBody>, ProxyError> {
+enum Routed {
+    Redirect(Box<Response<ProxyBody>>),
+    To(Arc<str>, Arc<Target>),
+}
+
+/// The request's router and target (a plain function: its buffers stay out of the request's
+/// future). The table guard is dropped before returning.
+fn route<B>(conn: &ConnState, req: &Request<B>) -> Result<Routed, ProxyError> {
     let mut host_buf = [0u8; 256];
-    let host = match host_of(&req) {
+    let host = match host_of(req) {
         Some(h) => super::lowercase(h, &mut host_buf).ok_or(ProxyError::BadRequest)?,
         None if req.version() == Version::HTTP_10 => "",
         None => return Err(ProxyError::BadRequest),
     };
     if conn.settings.redirect_to_https && !conn.tls {
-        return Ok(redirect(conn, host, &req));
+        return Ok(Routed::Redirect(Box::new(redirect(conn, host, req))));
     }
     // Route under a short-lived guard: clone the Arc we need and drop the guard before awaiting.
     let (router, target) = {
@@ -179,6 +181,19 @@ async fn proxy(
         };
         let r = ep.lookup(&view).ok_or(ProxyError::NoRoute)?;
         (Arc::clone(&r.name), Arc::clone(&r.target))
+    };
+    Ok(Routed::To(router, target))
+}
+
+async fn proxy(
+    conn: &ConnState,
+    mut req: Request<Incoming>,
+    mut record: Option<&mut AccessRecord>,
+    started_ns: u64,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (router, target) = match route(conn, &req)? {
+        Routed::Redirect(r) => return Ok(*r),
+        Routed::To(router, target) => (router, target),
     };
     if let Some(rec) = record.as_deref_mut() {
         rec.router = Some(router);
@@ -277,7 +292,14 @@ async fn proxy(
             } else {
                 Either::Right(Empty::new())
             };
-            send_hyper(conn, &target, idx, Request::from_parts(head, out_body)).await
+            // Boxed: the rare path keeps its large state out of every request's future.
+            Box::pin(send_hyper(
+                conn,
+                &target,
+                idx,
+                Request::from_parts(head, out_body),
+            ))
+            .await
         };
         let now_ns = clock::now_ns();
         match result {
@@ -503,5 +525,28 @@ mod tests {
         let c = copy_head(&p);
         assert_eq!(c.method, Method::PUT);
         assert_eq!(c.headers.get("x").unwrap(), "1");
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    fn size<A, B, F>(_: fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// hyper spawns one task per HTTP/2 stream holding this future, so its size is copied and
+    /// allocated per request: the rare paths (hyper's clients, new connections) are boxed.
+    /// Bounds are for the test (debug) build.
+    #[test]
+    fn request_future_stays_small() {
+        let handle = size(super::handle);
+        assert!(handle < 3072, "handle future is {handle} bytes");
+        let pools = crate::http::h1pool::EndpointPools::default();
+        let parts = http::Request::new(()).into_parts().0;
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let send =
+            crate::http::h1client::send(&pools, addr, std::time::Duration::from_secs(1), &parts);
+        let n = std::mem::size_of_val(&send);
+        assert!(n < 512, "h1client::send future is {n} bytes");
     }
 }

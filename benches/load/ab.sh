@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# A/B two meshgate binaries on the same machine in the same run: interleaved rounds (A B A B …)
+# of wrk (HTTP/1.1 keep-alive) or h2load (HTTP/2 over TLS), medians and the ratio B/A.
+# Same setup as run.sh: nginx backend and both proxies (1 worker) pinned to PROXY_CPU, the load
+# generator to LOAD_CPU, loopback only, every process stopped by PID on exit.
+# Usage: benches/load/ab.sh BIN_A BIN_B [http|h2] [rounds] [seconds]
+set -u -o pipefail
+A=$1; B=$2; MODE=${3:-http}; ROUNDS=${4:-5}; SECS=${5:-4}
+LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-26000}
+for t in nginx wrk h2load openssl; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
+TMP=$(mktemp -d /tmp/meshgate-ab.XXXXXX); PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$TMP"' EXIT
+mkdir -p "$TMP/b"
+cat >"$TMP/b/nginx.conf" <<CONF
+master_process off; daemon off; worker_processes 1; pid $TMP/b/nginx.pid; error_log $TMP/b/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $TMP/b; proxy_temp_path $TMP/b; fastcgi_temp_path $TMP/b;
+  uwsgi_temp_path $TMP/b; scgi_temp_path $TMP/b; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$((P+1)); location / { default_type text/plain; return 200 "ok\n"; } } }
+CONF
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+  -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+KIND=http; [ "$MODE" = h2 ] && KIND=https
+config() { # port
+  cat <<CONF
+log: {level: warn}
+admin: {enabled: false}
+providers: {file: {watch: false}}
+services: {web: {endpoints: ["127.0.0.1:$((P+1))"], http_port: $((P+1))}}
+entrypoints: {web: {bind: "127.0.0.1:$1", kind: $KIND}}
+routers: {r: {entrypoints: [web], rule: "PathPrefix(\`/\`)", service: web}}
+http: {certificates: [{cert: $TMP/cert.pem, key: $TMP/key.pem}]}
+CONF
+}
+config $((P+2)) >"$TMP/a.yaml"; config $((P+3)) >"$TMP/b.yaml"
+taskset -c "$PROXY_CPU" nginx -p "$TMP/b" -c "$TMP/b/nginx.conf" -e "$TMP/b/error.log" & PIDS+=($!)
+TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$A" run --config "$TMP/a.yaml" & PIDS+=($!)
+TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$B" run --config "$TMP/b.yaml" & PIDS+=($!)
+sleep 1
+run() { # port seconds -> req/s
+  if [ "$MODE" = h2 ]; then
+    taskset -c "$LOAD_CPU" h2load -t1 -c64 -m10 -D "$2" "https://127.0.0.1:$1/" 2>&1 |
+      sed -n 's/.*finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p'
+  else
+    taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${2}s" "http://127.0.0.1:$1/" | sed -n 's/^Requests\/sec: *//p'
+  fi
+}
+run $((P+2)) 1 >/dev/null; run $((P+3)) 1 >/dev/null
+ra=(); rb=()
+for r in $(seq "$ROUNDS"); do
+  a=$(run $((P+2)) "$SECS"); b=$(run $((P+3)) "$SECS")
+  echo "round $r: A $a req/s, B $b req/s"
+  ra+=("$a"); rb+=("$b")
+done
+python3 - "${ra[*]}" "${rb[*]}" <<'EOF'
+import sys, statistics
+a = [float(x) for x in sys.argv[1].split()]; b = [float(x) for x in sys.argv[2].split()]
+ma, mb = statistics.median(a), statistics.median(b)
+print(f"median A {ma:.0f} req/s, B {mb:.0f} req/s, B/A {mb / ma:.3f}")
+EOF
