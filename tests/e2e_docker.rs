@@ -101,6 +101,11 @@ impl Env {
             name.into(),
             "--http".into(),
             "0.0.0.0:80".into(),
+            // Like a production backend, keep serving briefly after SIGTERM: meshgate drains
+            // the container within this time (measured below), and an L4 connection the
+            // backend closed unanswered could not be replayed by any proxy.
+            "--drain-delay-ms".into(),
+            "500".into(),
         ]);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         docker(&refs).await

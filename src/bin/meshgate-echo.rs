@@ -46,6 +46,11 @@ struct Args {
     /// PEM private key for --https.
     #[arg(long, value_name = "PEM")]
     key: Option<PathBuf>,
+    /// After SIGTERM/SIGINT, keep serving (and accepting) this many milliseconds before
+    /// draining: the "lame duck" period that lets a load balancer stop sending new connections
+    /// first. An L4 proxy cannot replay a connection the backend closed unanswered.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    drain_delay_ms: u64,
 }
 
 #[tokio::main]
@@ -78,6 +83,13 @@ async fn main() -> ExitCode {
         error!("{message}");
         shutdown.cancel();
         return ExitCode::FAILURE;
+    }
+    if args.drain_delay_ms > 0 {
+        info!(
+            delay_ms = args.drain_delay_ms,
+            "signal received: still serving before draining"
+        );
+        tokio::time::sleep(Duration::from_millis(args.drain_delay_ms)).await;
     }
     info!("shutting down");
     shutdown.cancel();
