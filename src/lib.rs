@@ -24,7 +24,8 @@
 //! - [`balance`]: endpoint picking (round robin, least-conn, P2C peak-EWMA, Maglev).
 //! - [`proxy`]: TCP (splice) and UDP proxying.
 //! - [`http`]: L7 entrypoints and routers; plain HTTP/1.1 on its own byte-level engine
-//!   ([`http::fast1`]), the rest (HTTP/2, TLS, upgrades) on hyper.
+//!   ([`http::fast1`]), the rest (HTTP/2, TLS, upgrades) served by hyper; bodyless requests
+//!   from those reach HTTP/1.1 endpoints through meshgate's own client ([`http::h1client`]).
 //!
 //! - [`health`]: active health checks (control path), marking endpoints down and up.
 //!

@@ -7,7 +7,8 @@
 //! (`Content-Length`, chunked passed through verbatim, or until close). One task per client
 //! connection drives both legs, so a keep-alive request costs four socket syscalls and no
 //! task wake-ups between legs. Upstream connections are bare `TcpStream`s in the per-endpoint
-//! [`EndpointPools`]; an idle one is checked with a non-blocking `MSG_PEEK` before reuse.
+//! [`super::h1pool::EndpointPools`]; an idle one is checked with tokio's read readiness
+//! (no syscall) before reuse.
 //!
 //! An idle client connection holds no buffer: buffers come from a small per-thread cache when
 //! the client's next bytes arrive and go back when the exchange is over.

@@ -5,10 +5,10 @@
 //! hyper's client runs every upstream connection as its own task: a request crosses a channel
 //! to that task and its response crosses back, two task wake-ups and a context switch of the
 //! scheduler per request, plus a read that ends in `EAGAIN` after each response. Here the
-//! request's own task writes the head on a bare pooled socket ([`EndpointPools`], the same
-//! pool as the fast path's), reads the response head with httparse, and, when the whole body
-//! came with it (small responses: the usual case), puts the connection back at once and
-//! answers from memory. A longer body is read by the response body itself ([`RawBody`]) as hyper
+//! request's own task writes the head on a bare pooled socket
+//! ([`super::h1pool::EndpointPools`], the same pool as the fast path's), reads the response
+//! head with httparse, and, when the whole body came with it (small responses: the usual
+//! case), puts the connection back at once and answers from memory. A longer body is read by the response body itself (`RawBody`) as hyper
 //! polls it, decoded (`Content-Length`, chunked with trailers, or until close), and the
 //! connection goes back when the body ends.
 //!
