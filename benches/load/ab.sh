@@ -8,32 +8,12 @@ set -u -o pipefail
 A=$1; B=$2; MODE=${3:-http}; ROUNDS=${4:-5}; SECS=${5:-4}
 LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-26000}
 for t in nginx wrk h2load openssl; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
-TMP=$(mktemp -d /tmp/meshgate-ab.XXXXXX); PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$TMP"' EXIT
-mkdir -p "$TMP/b"
-cat >"$TMP/b/nginx.conf" <<CONF
-master_process off; daemon off; worker_processes 1; pid $TMP/b/nginx.pid; error_log $TMP/b/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $TMP/b; proxy_temp_path $TMP/b; fastcgi_temp_path $TMP/b;
-  uwsgi_temp_path $TMP/b; scgi_temp_path $TMP/b; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$((P+1)); location / { default_type text/plain; return 200 "ok\n"; } } }
-CONF
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
-  -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+. "$(cd "$(dirname "$0")" && pwd)/common.sh"
+lb_tmp meshgate-ab
+lb_cert
 KIND=http; [ "$MODE" = h2 ] && KIND=https
-config() { # port
-  cat <<CONF
-log: {level: warn}
-admin: {enabled: false}
-providers: {file: {watch: false}}
-services: {web: {endpoints: ["127.0.0.1:$((P+1))"], http_port: $((P+1))}}
-entrypoints: {web: {bind: "127.0.0.1:$1", kind: $KIND}}
-routers: {r: {entrypoints: [web], rule: "PathPrefix(\`/\`)", service: web}}
-http: {certificates: [{cert: $TMP/cert.pem, key: $TMP/key.pem}]}
-CONF
-}
-config $((P+2)) >"$TMP/a.yaml"; config $((P+3)) >"$TMP/b.yaml"
-taskset -c "$PROXY_CPU" nginx -p "$TMP/b" -c "$TMP/b/nginx.conf" -e "$TMP/b/error.log" & PIDS+=($!)
+lb_config $((P+2)) "$KIND" >"$TMP/a.yaml"; lb_config $((P+3)) "$KIND" >"$TMP/b.yaml"
+lb_backend
 TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$A" run --config "$TMP/a.yaml" & PIDS+=($!)
 TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$B" run --config "$TMP/b.yaml" & PIDS+=($!)
 sleep 1

@@ -9,38 +9,20 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd)
 SECS=${1:-10}; LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-25000}
 for t in perf nginx wrk; do command -v $t >/dev/null || { echo "missing $t (apt-get install linux-perf nginx wrk)" >&2; exit 3; }; done
-TMP=$(mktemp -d /tmp/meshgate-prof.XXXXXX); PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$TMP"' EXIT
-mkdir -p "$TMP/b"
-cat >"$TMP/b/nginx.conf" <<CONF
-master_process off; daemon off; worker_processes 1; pid $TMP/b/nginx.pid; error_log $TMP/b/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $TMP/b; proxy_temp_path $TMP/b; fastcgi_temp_path $TMP/b;
-  uwsgi_temp_path $TMP/b; scgi_temp_path $TMP/b; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$((P+1)); location / { default_type text/plain; return 200 "ok\n"; } } }
-CONF
+. "$HERE/common.sh"
+lb_tmp meshgate-prof
 MODE=${MODE:-http}
 if [ "$MODE" = h2 ]; then
   command -v h2load >/dev/null || { echo "missing h2load (apt-get install nghttp2-client)" >&2; exit 3; }
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
-    -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+  lb_cert
   KIND=https; URL="https://127.0.0.1:$((P+2))/"
   loadgen() { taskset -c "$LOAD_CPU" h2load -t1 -c64 -m10 -D "$1" "$URL"; }
 else
   KIND=http; URL="http://127.0.0.1:$((P+2))/"
   loadgen() { taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${1}s" "$URL"; }
 fi
-cat >"$TMP/m.yaml" <<CONF
-log: {level: warn}
-admin: {enabled: false}
-providers: {file: {watch: false}}
-services: {web: {endpoints: ["127.0.0.1:$((P+1))"], http_port: $((P+1))}}
-entrypoints: {web: {bind: "127.0.0.1:$((P+2))", kind: $KIND}}
-routers: {r: {entrypoints: [web], rule: "PathPrefix(\`/\`)", service: web}}
-http: {certificates: [{cert: $TMP/cert.pem, key: $TMP/key.pem}]}
-CONF
-[ "$MODE" = h2 ] || sed -i '/^http: /d' "$TMP/m.yaml"
-taskset -c "$PROXY_CPU" nginx -p "$TMP/b" -c "$TMP/b/nginx.conf" -e "$TMP/b/error.log" & PIDS+=($!)
+lb_config $((P+2)) "$KIND" >"$TMP/m.yaml"
+lb_backend
 TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$REPO/target/release/meshgate" run --config "$TMP/m.yaml" & MG=$!; PIDS+=($MG)
 sleep 1
 loadgen 1 >/dev/null

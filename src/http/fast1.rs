@@ -1137,9 +1137,7 @@ mod tests {
 
 #[cfg(test)]
 mod size_probe {
-    fn size<A, B, F>(_: fn(A, B) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use crate::http::future_size as size;
 
     /// An idle plain HTTP/1 connection's task holds this future: it must stay small (RSS per
     /// idle connection), so hyper's and TLS's states are boxed behind it.

@@ -31,7 +31,9 @@ use tokio::net::TcpStream;
 
 use super::error::{is_idempotent, ProxyError};
 use super::h1pool::{idle_or_connect, EndpointPools, Idle};
-use super::h1wire::{eq, tokens, Chunked, Decoded, Framing, ResponseFraming, MAX_CHUNK_META};
+use super::h1wire::{
+    eq, put_header, tokens, Chunked, Decoded, Framing, ResponseFraming, MAX_CHUNK_META,
+};
 use crate::proxy::copy::bufs::{self, BUF_SIZE};
 use crate::proxy::copy::{poll_read_some, read_some};
 
@@ -88,15 +90,14 @@ pub(crate) async fn send(
             return Err(e);
         }
     };
-    let mut resp = Response::new(RawBody::empty());
-    *resp.status_mut() = head.status;
-    *resp.headers_mut() = head.headers;
-    let after = head.head_len;
-    let (body, upstream) = RawBody::start(head.framing, up, buf, after, head.reusable, idle);
-    *resp.body_mut() = body;
+    let (body, upstream) =
+        RawBody::start(head.framing, up, buf, head.head_len, head.reusable, idle);
     if let Some((up, idle)) = upstream {
         idle.push(up);
     }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
     Ok(resp)
 }
 
@@ -108,19 +109,16 @@ fn write_head(req: &http::request::Parts, out: &mut Vec<u8>) {
     let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut length_sent = false;
+    let mut declared = false;
     for (name, value) in &req.headers {
         if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
             // The body is empty whatever the client declared.
-            length_sent = true;
+            declared = true;
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if length_sent || matches!(req.method, Method::POST | Method::PUT | Method::PATCH) {
+    if declared || matches!(req.method, Method::POST | Method::PUT | Method::PATCH) {
         out.extend_from_slice(b"content-length: 0\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -255,12 +253,6 @@ enum Left {
 type Upstream = Option<(TcpStream, Arc<Idle<TcpStream>>)>;
 
 impl RawBody {
-    fn empty() -> RawBody {
-        RawBody {
-            state: State::Whole(None, None),
-        }
-    }
-
     /// The body after a head of `head_len` bytes in `buf`. When the body is complete in `buf`,
     /// the connection is handed back for the pool (if it may be reused) with the body.
     fn start(
@@ -388,7 +380,7 @@ impl Streaming {
                 }
             }
             if self.ended() {
-                continue;
+                return Poll::Ready(Ok(None));
             }
             self.buf.clear();
             self.pos = 0;

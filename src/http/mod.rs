@@ -51,6 +51,13 @@ pub use self::tls::{CertFiles, CertStore};
 use crate::model::EntrypointKind;
 use crate::table::RoutingTable;
 
+/// Size of the future a two-argument `async fn` returns (size tests of connection and request
+/// futures, which are allocated per connection or per HTTP/2 stream).
+#[cfg(test)]
+pub(crate) fn future_size<A, B, F>(_: fn(A, B) -> F) -> usize {
+    std::mem::size_of::<F>()
+}
+
 /// How often certificate files are checked for changes by default.
 pub const DEFAULT_CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 

@@ -530,9 +530,7 @@ mod tests {
 
 #[cfg(test)]
 mod size_probe {
-    fn size<A, B, F>(_: fn(A, B) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use crate::http::future_size as size;
 
     /// hyper spawns one task per HTTP/2 stream holding this future, so its size is copied and
     /// allocated per request: the rare paths (hyper's clients, new connections) are boxed.
