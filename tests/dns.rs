@@ -400,6 +400,78 @@ async fn malformed_queries_get_formerr_and_serving_goes_on() {
     s.stop().await;
 }
 
+/// Queries arrive faster than one at a time (the server takes them off the socket in batches):
+/// every one is answered once, with its own id and its own name's records, on two worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_from_many_clients_are_answered_one_for_one() {
+    let s = start(&desired(2), config()).await;
+    let names = [
+        ("tasks.web.meshgate.", vec![ip("10.0.0.1"), ip("10.0.0.2")]),
+        ("tasks.db.meshgate.", vec![ip("10.0.1.1")]),
+    ];
+    let mut clients = Vec::new();
+    for c in 0..4u16 {
+        let addr = s.addr;
+        let names = names.clone();
+        clients.push(tokio::spawn(async move {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut buf = vec![0; 4096];
+            // Three waves of 32 queries each sent back to back (128 in flight from 4 clients
+            // stays well inside loopback socket buffers, so nothing is lost on the way).
+            for wave in 0..3u16 {
+                let mut expect = std::collections::HashMap::new();
+                for i in 0..32u16 {
+                    let id = c * 1000 + wave * 100 + i;
+                    let (name, want) = &names[usize::from(i % 2)];
+                    let mut q = query(name, RecordType::A);
+                    q.metadata.id = id;
+                    sock.send_to(&q.to_vec().unwrap(), addr).await.unwrap();
+                    expect.insert(id, want.clone());
+                    if i == 10 {
+                        // Too short for a header: dropped unanswered, the rest still answered.
+                        sock.send_to(&[1, 2, 3], addr).await.unwrap();
+                    }
+                }
+                while !expect.is_empty() {
+                    let n = tokio::time::timeout(WAIT, sock.recv(&mut buf))
+                        .await
+                        .expect("every query answered")
+                        .unwrap();
+                    let m = Message::from_vec(&buf[..n]).unwrap();
+                    let want = expect.remove(&m.metadata.id).expect("one answer per id");
+                    assert_eq!(sorted(ips(&m)), want);
+                }
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    s.stop().await;
+}
+
+/// A datagram longer than the server's 2 KiB receive slot arrives cut short: it is answered
+/// FORMERR (with its id), not read as if it ended there.
+#[tokio::test]
+async fn oversized_udp_query_gets_formerr() {
+    let s = start(&desired(2), config()).await;
+    let mut q = query("tasks.web.meshgate.", RecordType::A)
+        .to_vec()
+        .unwrap();
+    q[0..2].copy_from_slice(&0x5151u16.to_be_bytes());
+    q.resize(3000, 0);
+    let m = Message::from_vec(&udp_raw(s.addr, &q).await.unwrap()).unwrap();
+    assert_eq!(
+        (m.metadata.id, m.metadata.response_code),
+        (0x5151, ResponseCode::FormErr)
+    );
+    // 2 KiB still fits: the same query padded to 2,000 bytes is answered.
+    q.truncate(2000);
+    let m = Message::from_vec(&udp_raw(s.addr, &q).await.unwrap()).unwrap();
+    assert_eq!(sorted(ips(&m)), vec![ip("10.0.0.1"), ip("10.0.0.2")]);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn scaling_and_draining_change_answers_in_the_same_generation() {
     let cfg = config();
