@@ -278,7 +278,7 @@ async fn accept_loop(
 
 pin_project_lite::pin_project! {
     /// A connection's task: its future, counted as an open connection while alive
-    /// ([`crate::memtrim`]), and cut when `stop` fires.
+    /// ([`crate::memtrim`]). Each protocol's future handles its own stop signals.
     ///
     /// A plain struct rather than an `async` block: a block that captures a future and awaits
     /// it stores it twice (the capture and the awaited copy), and every connection's task would
@@ -286,17 +286,14 @@ pin_project_lite::pin_project! {
     struct ConnTask<F> {
         #[pin]
         fut: F,
-        #[pin]
-        stop: Option<tokio_util::sync::WaitForCancellationFutureOwned>,
         open: crate::memtrim::ConnGuard,
     }
 }
 
 impl<F: std::future::Future<Output = ()>> ConnTask<F> {
-    fn new(fut: F, stop: Option<CancellationToken>) -> ConnTask<F> {
+    fn new(fut: F) -> ConnTask<F> {
         ConnTask {
             fut,
-            stop: stop.map(CancellationToken::cancelled_owned),
             open: crate::memtrim::ConnGuard::new(),
         }
     }
@@ -309,13 +306,7 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for ConnTask<F> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
-        let this = self.project();
-        if let Some(stop) = this.stop.as_pin_mut() {
-            if stop.poll(cx).is_ready() {
-                return std::task::Poll::Ready(());
-            }
-        }
-        this.fut.poll(cx)
+        self.project().fut.poll(cx)
     }
 }
 
@@ -343,7 +334,7 @@ fn spawn_connection(
                 Arc::clone(&ctx.metrics),
                 hard_stop.clone(),
             );
-            tracker.spawn(ConnTask::new(proxied, None));
+            tracker.spawn(ConnTask::new(proxied));
         }
         ListenKind::Http => {
             // HTTP gets two signals: `graceful` (listener removed or shutdown: finish in-flight
@@ -355,8 +346,9 @@ fn spawn_connection(
                 stream,
                 peer,
                 graceful.clone(),
+                hard_stop.clone(),
             );
-            tracker.spawn(ConnTask::new(serve, Some(hard_stop.clone())));
+            tracker.spawn(ConnTask::new(serve));
         }
         ListenKind::Udp => unreachable!("UDP listeners have no accept loop"),
     }

@@ -331,3 +331,63 @@ async fn what_the_fast_path_does_not_take_goes_to_hyper() {
     assert!(out.contains("POST /two HTTP/1.1"), "{out}");
     assert!(out.contains("body-bytes: 2\n"), "{out}");
 }
+
+/// A connection's two stop signals: the graceful one closes an idle keep-alive connection at
+/// once and leaves a request in flight alone; the hard one (a drain deadline) cuts that too.
+#[tokio::test]
+async fn graceful_stop_closes_idle_connections_and_hard_stop_cuts_the_rest() {
+    let (answers, _) = scripted(false).await;
+    // An endpoint that accepts and never answers.
+    let hang = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let mut s = Setup::new(EntrypointKind::Http);
+    s.service("svc", &[answers]);
+    s.service("hang", &[hang_addr]);
+    s.router("r", "PathPrefix(`/`)", "svc", 0);
+    s.router("h", "PathPrefix(`/hang`)", "hang", 100);
+    let proxy = Proxy::start(&s.0, "web", HttpConfig::default()).await;
+
+    let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\nhello") {
+        let mut chunk = [0u8; 256];
+        let n = tokio::time::timeout(STEP, idle.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let mut busy = TcpStream::connect(proxy.addr).await.unwrap();
+    busy.write_all(b"GET /hang HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    proxy.shutdown.cancel();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(STEP, idle.read(&mut buf))
+        .await
+        .expect("the idle connection is closed at the graceful stop");
+    assert_eq!(n.unwrap(), 0, "closed without a response");
+    let waited = tokio::time::timeout(Duration::from_millis(500), busy.read(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "a request in flight outlives the graceful stop: {waited:?}"
+    );
+
+    proxy.hard_stop.cancel();
+    let n = tokio::time::timeout(STEP, busy.read(&mut buf))
+        .await
+        .expect("the hard stop cuts the request in flight");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}

@@ -166,66 +166,130 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Per-connection inputs of the forwarding headers, computed once when the connection starts.
-#[derive(Debug, Clone)]
+///
+/// Kept small (it lives in every connection's state, idle ones included): the peer's address
+/// as text inline, and the header values the hyper path needs built on its first request
+/// only. The fast path ([`super::fast1`]) writes these bytes straight into the request head.
+#[derive(Debug)]
 pub struct ForwardInfo {
-    /// The downstream peer's IP as an `X-Forwarded-For` element.
-    pub peer_ip: HeaderValue,
-    /// `for=...;proto=...` of this hop's `Forwarded` element (host is added per request).
-    forwarded_prefix: String,
-    pub proto: HeaderValue,
+    /// The peer's canonical IP as text (`192.0.2.1`, `fd00::1`): `ip[..ip_len]`.
+    ip: [u8; IP_TEXT_MAX],
+    ip_len: u8,
+    v6: bool,
+    tls: bool,
     /// Peer is a trusted proxy: its forwarding headers are kept and appended to.
     pub trusted: bool,
+    /// Header values for the hyper path, made on its first request.
+    values: OnceLock<Box<HyperValues>>,
+}
+
+/// Longest IP text: eight groups of four hex digits and seven colons.
+const IP_TEXT_MAX: usize = 39;
+
+#[derive(Debug)]
+struct HyperValues {
+    peer_ip: HeaderValue,
     /// This hop's `Forwarded` element for the first host seen (host, value): a keep-alive
     /// connection nearly always asks for one host, so later requests reuse the value instead
     /// of building it. Set once, never locked.
-    forwarded_cache: OnceLock<(HeaderValue, HeaderValue)>,
+    forwarded: OnceLock<(HeaderValue, HeaderValue)>,
 }
 
 impl ForwardInfo {
     pub fn new(peer: IpAddr, tls: bool, trusted: bool) -> ForwardInfo {
+        use std::io::Write;
         let peer = peer.to_canonical();
-        let proto = if tls { "https" } else { "http" };
-        // RFC 7239 §6: IPv6 nodes are quoted and bracketed.
-        let forwarded_prefix = match peer {
-            IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
-            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
-        };
+        let mut ip = [0u8; IP_TEXT_MAX];
+        let mut cursor = &mut ip[..];
+        write!(cursor, "{peer}").expect("an IP's text fits in 39 bytes");
+        let ip_len = (IP_TEXT_MAX - cursor.len()) as u8;
         ForwardInfo {
-            peer_ip: HeaderValue::from_str(&peer.to_string()).expect("an IP is a header value"),
-            forwarded_prefix,
-            proto: HeaderValue::from_static(proto),
+            ip,
+            ip_len,
+            v6: peer.is_ipv6(),
+            tls,
             trusted,
-            forwarded_cache: OnceLock::new(),
+            values: OnceLock::new(),
         }
     }
 
-    /// This hop's own `Forwarded` element (`for=..;proto=..[;host=".."]`).
+    /// The peer's IP as an `X-Forwarded-For` element.
+    pub fn peer_ip_bytes(&self) -> &[u8] {
+        &self.ip[..usize::from(self.ip_len)]
+    }
+
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    fn values(&self) -> &HyperValues {
+        self.values.get_or_init(|| {
+            Box::new(HyperValues {
+                peer_ip: HeaderValue::from_bytes(self.peer_ip_bytes())
+                    .expect("an IP is a header value"),
+                forwarded: OnceLock::new(),
+            })
+        })
+    }
+
+    /// The peer's IP as a header value.
+    pub fn peer_ip(&self) -> HeaderValue {
+        self.values().peer_ip.clone()
+    }
+
+    /// Write this hop's own `Forwarded` element (`for=..;proto=..[;host=".."]`) to `out`. A
+    /// host that cannot sit in a quoted string is left out.
+    pub(crate) fn write_own_forwarded(&self, host: Option<&[u8]>, out: &mut Vec<u8>) {
+        // RFC 7239 §6: IPv6 nodes are quoted and bracketed.
+        if self.v6 {
+            out.extend_from_slice(b"for=\"[");
+            out.extend_from_slice(self.peer_ip_bytes());
+            out.extend_from_slice(b"]\"");
+        } else {
+            out.extend_from_slice(b"for=");
+            out.extend_from_slice(self.peer_ip_bytes());
+        }
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(self.proto().as_bytes());
+        if let Some(host) = host.filter(|h| quotable(h)) {
+            // `host` is a token or a quoted string; a host with a port has ':' and is quoted.
+            out.extend_from_slice(b";host=\"");
+            out.extend_from_slice(host);
+            out.push(b'"');
+        }
+    }
+
+    /// This hop's own `Forwarded` element as a header value (the hyper path).
     pub(crate) fn own_forwarded(&self, host: Option<&[u8]>) -> Option<HeaderValue> {
-        let host = host.filter(|h| h.iter().all(|b| b.is_ascii_graphic() && *b != b'"'));
-        if let (Some(h), Some((cached_host, value))) = (host, self.forwarded_cache.get()) {
+        let host = host.filter(|h| quotable(h));
+        let cache = &self.values().forwarded;
+        if let (Some(h), Some((cached_host, value))) = (host, cache.get()) {
             if cached_host.as_bytes() == h {
                 return Some(value.clone());
             }
         }
-        let mut buf =
-            BytesMut::with_capacity(self.forwarded_prefix.len() + 10 + host.map_or(0, <[u8]>::len));
-        buf.put_slice(self.forwarded_prefix.as_bytes());
-        if let Some(host) = host {
-            // `host` is a token or a quoted string; a host with a port has ':' and is quoted.
-            buf.put_slice(b";host=\"");
-            buf.put_slice(host);
-            buf.put_slice(b"\"");
-        }
-        let value = HeaderValue::from_maybe_shared(buf.freeze()).ok()?;
+        let mut buf = Vec::with_capacity(64);
+        self.write_own_forwarded(host, &mut buf);
+        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)).ok()?;
         if let Some(h) = host {
             // A copy of the host, not the request's own bytes, which would pin hyper's read
             // buffer for the connection's lifetime.
             if let Ok(h) = HeaderValue::from_bytes(h) {
-                let _ = self.forwarded_cache.set((h, value.clone()));
+                let _ = cache.set((h, value.clone()));
             }
         }
         Some(value)
     }
+}
+
+/// A host that can go in a quoted string as is.
+fn quotable(host: &[u8]) -> bool {
+    host.iter().all(|b| b.is_ascii_graphic() && *b != b'"')
 }
 
 /// Add this hop's forwarding headers. From an untrusted peer, incoming ones are dropped first:
@@ -254,14 +318,14 @@ pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo, host: Option<
             buf.put_slice(v.as_bytes());
             buf.put_slice(b", ");
         }
-        buf.put_slice(info.peer_ip.as_bytes());
-        HeaderValue::from_maybe_shared(buf.freeze()).unwrap_or_else(|_| info.peer_ip.clone())
+        buf.put_slice(info.peer_ip_bytes());
+        HeaderValue::from_maybe_shared(buf.freeze()).unwrap_or_else(|_| info.peer_ip())
     } else {
-        info.peer_ip.clone()
+        info.peer_ip()
     };
     headers.insert(&X_FORWARDED_FOR, xff);
     if found & H_XFP == 0 {
-        headers.insert(&X_FORWARDED_PROTO, info.proto.clone());
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto()));
     }
     if let Some(host) = host {
         if found & H_XFH == 0 {

@@ -23,12 +23,6 @@ pub(super) const RESPONSE_408: &[u8] =
 /// hyper's HTTP/1 read buffer cannot be smaller than this.
 const MIN_H1_BUF: usize = 8192;
 
-/// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge when the client opens with the preface
-/// (recognised by [`super::fast1`] from the first bytes it reads, without a separate peek).
-pub(crate) async fn serve_plain(conn: Arc<ConnState>, stream: TcpStream) {
-    super::fast1::serve(conn, stream).await
-}
-
 /// TLS: handshake (bounded by the header timeout), then ALPN picks the protocol.
 pub(crate) async fn serve_tls(
     conn: Arc<ConnState>,

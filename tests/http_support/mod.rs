@@ -29,7 +29,10 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub table: Arc<ArcSwap<RoutingTable>>,
     pub ctx: Arc<HttpContext>,
+    /// Graceful stop: no more accepts; idle connections close, requests in flight finish.
     pub shutdown: CancellationToken,
+    /// Hard stop (a drain deadline): every connection is dropped where it stands.
+    pub hard_stop: CancellationToken,
     pub stats: Arc<StatsRegistry>,
 }
 
@@ -62,10 +65,12 @@ impl Proxy {
         let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let (t, c, s, name) = (
+        let hard_stop = CancellationToken::new();
+        let (t, c, s, h, name) = (
             Arc::clone(&table),
             Arc::clone(&ctx),
             shutdown.clone(),
+            hard_stop.clone(),
             Arc::<str>::from(ep),
         );
         tokio::spawn(async move {
@@ -75,6 +80,7 @@ impl Proxy {
                         let Ok((stream, peer)) = r else { continue };
                         tokio::spawn(meshgate::http::serve_connection(
                             Arc::clone(&c), Arc::clone(&t), Arc::clone(&name), stream, peer, s.clone(),
+                            h.clone(),
                         ));
                     }
                     _ = s.cancelled() => return,
@@ -86,6 +92,7 @@ impl Proxy {
             table,
             ctx,
             shutdown,
+            hard_stop,
             stats,
         }
     }
