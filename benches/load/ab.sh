@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A/B two meshgate binaries on the same machine in the same run: interleaved rounds (A B A B …)
-# of wrk (HTTP/1.1 keep-alive) or h2load (HTTP/2 over TLS), medians and the ratio B/A.
+# of wrk (HTTP/1.1 keep-alive; `close`: a new connection per request) or h2load (HTTP/2 over
+# TLS), medians and the ratio B/A.
 # Same setup as run.sh: nginx backend and both proxies (1 worker) pinned to PROXY_CPU, the load
 # generator to LOAD_CPU, loopback only, every process stopped by PID on exit.
-# Usage: benches/load/ab.sh BIN_A BIN_B [http|h2] [rounds] [seconds]
+# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2] [rounds] [seconds]
 set -u -o pipefail
 A=$1; B=$2; MODE=${3:-http}; ROUNDS=${4:-5}; SECS=${5:-4}
 LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-26000}
@@ -12,6 +13,7 @@ for t in nginx wrk h2load openssl; do command -v $t >/dev/null || { echo "missin
 lb_tmp meshgate-ab
 lb_cert
 KIND=http; [ "$MODE" = h2 ] && KIND=https
+CLOSE=; [ "$MODE" = close ] && CLOSE=1
 lb_config $((P+2)) "$KIND" >"$TMP/a.yaml"; lb_config $((P+3)) "$KIND" >"$TMP/b.yaml"
 lb_backend
 TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$A" run --config "$TMP/a.yaml" & PIDS+=($!)
@@ -22,7 +24,8 @@ run() { # port seconds -> req/s
     taskset -c "$LOAD_CPU" h2load -t1 -c64 -m10 -D "$2" "https://127.0.0.1:$1/" 2>&1 |
       sed -n 's/.*finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p'
   else
-    taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${2}s" "http://127.0.0.1:$1/" | sed -n 's/^Requests\/sec: *//p'
+    taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${2}s" ${CLOSE:+-H "Connection: close"} "http://127.0.0.1:$1/" |
+      sed -n 's/^Requests\/sec: *//p'
   fi
 }
 run $((P+2)) 1 >/dev/null; run $((P+3)) 1 >/dev/null
