@@ -16,64 +16,75 @@ use crate::table::L4Route;
 
 /// Proxy `downstream` to an endpoint of `route` until it closes, idles out, or `hard_stop` fires
 /// (the listener's drain deadline or shutdown).
-pub async fn proxy_connection(
+///
+/// A function returning an `async move` block, not an `async fn`: an `async fn` keeps its
+/// arguments twice in its future (as captured and as moved into locals), and this future is
+/// what every idle proxied connection's task holds.
+#[allow(clippy::manual_async_fn)]
+pub fn proxy_connection(
     route: L4Route,
     downstream: TcpStream,
     peer: SocketAddr,
     metrics: Arc<Metrics>,
     hard_stop: CancellationToken,
-) {
-    super::tune_tcp(&downstream);
-    let local = downstream.local_addr().unwrap_or(peer);
-    let spec = &route.service.spec;
-    let (idle, connect_timeout, retries, pp) = (
-        spec.timeouts.idle,
-        spec.timeouts.connect,
-        spec.retries,
-        spec.proxy_protocol,
-    );
-    let service = Arc::clone(&route.service.name);
-    let upstream = tokio::select! {
-        r = connect(route.pool(), hash_ip(peer.ip()), connect_timeout, retries, &metrics) => r,
-        _ = hard_stop.cancelled() => return,
-    };
-    // The route (and with it the table generation) is not needed any more: a long-lived
-    // connection must not keep old tables alive.
-    drop(route);
-    let mut upstream = match upstream {
-        Ok(u) => u,
-        Err(e) => {
-            if matches!(e, super::connect::ConnectError::NoEndpoint) {
-                metrics.no_endpoint.inc();
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        super::tune_tcp(&downstream);
+        let local = downstream.local_addr().unwrap_or(peer);
+        let spec = &route.service.spec;
+        let (idle, connect_timeout, retries, pp) = (
+            spec.timeouts.idle,
+            spec.timeouts.connect,
+            spec.retries,
+            spec.proxy_protocol,
+        );
+        let service = Arc::clone(&route.service.name);
+        // In a block: the connect result's storage ends here, not beside the copy's state.
+        let upstream = {
+            let connected = tokio::select! {
+                r = connect(route.pool(), hash_ip(peer.ip()), connect_timeout, retries, &metrics) => r,
+                _ = hard_stop.cancelled() => return,
+            };
+            match connected {
+                Ok(u) => u,
+                Err(e) => {
+                    if matches!(e, super::connect::ConnectError::NoEndpoint) {
+                        metrics.no_endpoint.inc();
+                    }
+                    tracing::warn!(%service, client = %peer, error = %e, "no upstream for connection");
+                    return;
+                }
             }
-            tracing::warn!(%service, client = %peer, error = %e, "no upstream for connection");
-            return;
+        };
+        // The route (and with it the table generation) is not needed any more: a long-lived
+        // connection must not keep old tables alive.
+        drop(route);
+        let mut upstream = upstream;
+        super::tune_tcp(&upstream.stream);
+        if pp != ProxyProtocol::None {
+            let header = proxy_header(pp, peer, local);
+            if let Err(e) = upstream.stream.write_all(&header).await {
+                tracing::warn!(%service, endpoint = %upstream.addr, error = %e, "PROXY header write failed");
+                return;
+            }
         }
-    };
-    super::tune_tcp(&upstream.stream);
-    if pp != ProxyProtocol::None {
-        let header = proxy_header(pp, peer, local);
-        if let Err(e) = upstream.stream.write_all(&header).await {
-            tracing::warn!(%service, endpoint = %upstream.addr, error = %e, "PROXY header write failed");
-            return;
+        tracing::debug!(%service, client = %peer, endpoint = %upstream.addr, "proxying");
+        let result = tokio::select! {
+            r = bidirectional(&downstream, &upstream.stream, idle) => Some(r),
+            _ = hard_stop.cancelled() => None,
+        };
+        match result {
+            Some((Outcome::Idle, _)) => {
+                metrics.idle_closed.inc();
+                tracing::debug!(%service, client = %peer, "closed idle connection");
+            }
+            Some((outcome, t)) => {
+                tracing::debug!(%service, client = %peer, ?outcome, up = t.up, down = t.down, "connection ended")
+            }
+            None => tracing::debug!(%service, client = %peer, "connection cut at drain deadline"),
         }
+        drop(upstream.in_flight);
     }
-    tracing::debug!(%service, client = %peer, endpoint = %upstream.addr, "proxying");
-    let result = tokio::select! {
-        r = bidirectional(&downstream, &upstream.stream, idle) => Some(r),
-        _ = hard_stop.cancelled() => None,
-    };
-    match result {
-        Some((Outcome::Idle, _)) => {
-            metrics.idle_closed.inc();
-            tracing::debug!(%service, client = %peer, "closed idle connection");
-        }
-        Some((outcome, t)) => {
-            tracing::debug!(%service, client = %peer, ?outcome, up = t.up, down = t.down, "connection ended")
-        }
-        None => tracing::debug!(%service, client = %peer, "connection cut at drain deadline"),
-    }
-    drop(upstream.in_flight);
 }
 
 /// PROXY protocol header announcing `client` → `local` (v1 text or v2 binary).
