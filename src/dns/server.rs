@@ -193,19 +193,19 @@ async fn udp_worker(ctx: Arc<Context>, udp: Arc<UdpSocket>) {
                 return;
             },
         }
-        let got = match batch.recv(&udp) {
-            Ok(got) => got,
+        match batch.recv(&udp) {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 // ICMP errors surface here (ECONNREFUSED from an earlier send): keep going.
                 tracing::debug!(error = %e, "dns udp recv error");
                 continue;
             }
-        };
+        }
         {
             // The guard lives only in this synchronous block (no `.await`).
             let table = ctx.table.load();
-            batch.answer(got, |query, peer, out| {
+            batch.answer(|query, peer, out| {
                 match table
                     .dns
                     .respond(query, Transport::Udp, ctx.forwarding, out)
@@ -333,14 +333,10 @@ impl UdpBatch {
         Ok(self.received.len())
     }
 
-    /// Answer the `got` queries received: `respond(query, peer, out)` writes an answer into
-    /// `out` and says whether to send it.
-    fn answer(
-        &mut self,
-        got: usize,
-        mut respond: impl FnMut(&[u8], SocketAddr, &mut Vec<u8>) -> bool,
-    ) {
-        for (i, &(n, peer, cut)) in self.received[..got].iter().enumerate() {
+    /// Answer the queries received: `respond(query, peer, out)` writes an answer into `out` and
+    /// says whether to send it.
+    fn answer(&mut self, mut respond: impl FnMut(&[u8], SocketAddr, &mut Vec<u8>) -> bool) {
+        for (i, &(n, peer, cut)) in self.received.iter().enumerate() {
             let query = &self.input[i * UDP_QUERY_SLOT..i * UDP_QUERY_SLOT + n];
             let out = &mut self.out[self.peers.len()];
             let send = if cut {

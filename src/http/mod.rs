@@ -183,24 +183,9 @@ pub fn serve_connection(
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let stop = (shutdown.clone(), hard_stop);
-    Connection::new(
-        start_connection(ctx, table, entrypoint, stream, peer, shutdown),
-        stop,
-    )
-}
-
-type BoxedConnection = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-fn start_connection(
-    ctx: Arc<HttpContext>,
-    table: Arc<ArcSwap<RoutingTable>>,
-    entrypoint: Arc<str>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    shutdown: CancellationToken,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio_util::either::Either;
+    type Boxed = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let stop = (shutdown.clone(), hard_stop);
     let settings = {
         let current = table.load();
         current
@@ -210,7 +195,10 @@ fn start_connection(
     };
     let Some(settings) = settings else {
         tracing::debug!(entrypoint = %entrypoint, "connection on an entrypoint that is gone");
-        return Either::Right(Box::pin(std::future::ready(())) as BoxedConnection);
+        return Connection::new(
+            Either::Right(Box::pin(std::future::ready(())) as Boxed),
+            stop,
+        );
     };
     let _ = stream.set_nodelay(true);
     let tls_config = match settings.kind {
@@ -238,15 +226,16 @@ fn start_connection(
     // TLS and passthrough futures are boxed: the task of every connection is as large as its
     // largest possible state, and plain HTTP/1 connections (the many idle keep-alive ones)
     // should not pay for a TLS session and a hyper connection.
-    match (conn.settings.kind, tls_config) {
+    let serve = match (conn.settings.kind, tls_config) {
         (EntrypointKind::TlsPassthrough, _) => {
-            Either::Right(Box::pin(passthrough::serve(conn, stream)) as BoxedConnection)
+            Either::Right(Box::pin(passthrough::serve(conn, stream)) as Boxed)
         }
         (EntrypointKind::Https, Some(config)) => {
-            Either::Right(Box::pin(server::serve_tls(conn, stream, config)) as BoxedConnection)
+            Either::Right(Box::pin(server::serve_tls(conn, stream, config)) as Boxed)
         }
         _ => Either::Left(fast1::serve(conn, fast1::Client::new(stream))),
-    }
+    };
+    Connection::new(serve, stop)
 }
 
 pin_project_lite::pin_project! {

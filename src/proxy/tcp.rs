@@ -40,7 +40,7 @@ pub fn proxy_connection(
         );
         let service = Arc::clone(&route.service.name);
         // In a block: the connect result's storage ends here, not beside the copy's state.
-        let upstream = {
+        let mut upstream = {
             let connected = tokio::select! {
                 r = connect(route.pool(), hash_ip(peer.ip()), connect_timeout, retries, &metrics) => r,
                 _ = hard_stop.cancelled() => return,
@@ -59,7 +59,6 @@ pub fn proxy_connection(
         // The route (and with it the table generation) is not needed any more: a long-lived
         // connection must not keep old tables alive.
         drop(route);
-        let mut upstream = upstream;
         super::tune_tcp(&upstream.stream);
         if pp != ProxyProtocol::None {
             let header = proxy_header(pp, peer, local);
