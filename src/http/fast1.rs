@@ -343,49 +343,56 @@ enum Next {
 
 /// Read, parse and answer one request whose first bytes are readable or already buffered;
 /// the head must be complete by `deadline`.
-async fn one_request(conn: &ConnState, c: &mut Client, deadline: Instant) -> Next {
-    let started_ns = clock::now_ns();
-    let parsed = match tokio::time::timeout_at(deadline, next_request(conn, c)).await {
-        Ok(Ok(Some(p))) => p,
-        Ok(Ok(None)) | Ok(Err(_)) => return Next::Close,
-        Err(_) => {
-            // Answer only a client that started a request (as the hyper path does).
-            if !c.pending().is_empty() {
-                let _ = c.stream.write_all(super::server::RESPONSE_408).await;
+#[allow(clippy::manual_async_fn)]
+fn one_request<'a>(
+    conn: &'a ConnState,
+    c: &'a mut Client,
+    deadline: Instant,
+) -> impl std::future::Future<Output = Next> + Send + 'a {
+    async move {
+        let started_ns = clock::now_ns();
+        let parsed = match tokio::time::timeout_at(deadline, next_request(conn, c)).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) | Ok(Err(_)) => return Next::Close,
+            Err(_) => {
+                // Answer only a client that started a request (as the hyper path does).
+                if !c.pending().is_empty() {
+                    let _ = c.stream.write_all(super::server::RESPONSE_408).await;
+                }
+                tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, "request head timed out");
+                return Next::Close;
             }
-            tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, "request head timed out");
-            return Next::Close;
+        };
+        let req = match parsed {
+            Parsed::Ready(r) => r,
+            Parsed::Partial => unreachable!("next_request returns complete heads"),
+            Parsed::H2 => return Next::H2,
+            Parsed::Fallback => return Next::Fallback,
+            Parsed::Reject(status, body) => {
+                // The head may be unusable (no framing known): always close.
+                let _ = write_local(c, status, body, true).await;
+                return Next::Close;
+            }
+            Parsed::NoRoute {
+                head_len,
+                keep,
+                record,
+            } => {
+                let e = ProxyError::NoRoute;
+                c.consume(head_len);
+                let sent = write_local(c, e.status(), e.body(), !keep).await;
+                log(conn, record, e.status().as_u16(), 0, started_ns);
+                return if sent.is_ok() && keep {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                };
+            }
+        };
+        match exchange(conn, c, req, started_ns).await {
+            Ok(true) if !conn.shutdown.is_cancelled() => Next::KeepAlive,
+            _ => Next::Close,
         }
-    };
-    let req = match parsed {
-        Parsed::Ready(r) => r,
-        Parsed::Partial => unreachable!("next_request returns complete heads"),
-        Parsed::H2 => return Next::H2,
-        Parsed::Fallback => return Next::Fallback,
-        Parsed::Reject(status, body) => {
-            // The head may be unusable (no framing known): always close.
-            let _ = write_local(c, status, body, true).await;
-            return Next::Close;
-        }
-        Parsed::NoRoute {
-            head_len,
-            keep,
-            record,
-        } => {
-            let e = ProxyError::NoRoute;
-            c.consume(head_len);
-            let sent = write_local(c, e.status(), e.body(), !keep).await;
-            log(conn, record, e.status().as_u16(), 0, started_ns);
-            return if sent.is_ok() && keep {
-                Next::KeepAlive
-            } else {
-                Next::Close
-            };
-        }
-    };
-    match exchange(conn, c, req, started_ns).await {
-        Ok(true) if !conn.shutdown.is_cancelled() => Next::KeepAlive,
-        _ => Next::Close,
     }
 }
 
@@ -772,195 +779,202 @@ enum Side {
 }
 
 /// Proxy one parsed request. `Ok(true)`: the client connection can take another request.
-async fn exchange(
-    conn: &ConnState,
-    c: &mut Client,
+///
+/// A function returning an `async move` block: an `async fn` would store its arguments twice
+/// in the per-request box.
+#[allow(clippy::manual_async_fn)]
+fn exchange<'a>(
+    conn: &'a ConnState,
+    c: &'a mut Client,
     mut req: Request,
     started_ns: u64,
-) -> io::Result<bool> {
-    // The request body bytes already read: forwarded with the head when they complete it.
-    let mut body = BodyLeft::new(req.body);
-    let b = c.bufs();
-    let after_head = &b.buf[b.pos + req.head_len..];
-    let (buffered, whole) = match body.as_mut() {
-        None => (0, true),
-        Some(b) => match b.take(after_head) {
-            Ok((n, done)) => (n, done),
-            Err(BadChunk) => {
-                write_local(c, StatusCode::BAD_REQUEST, "400 bad request\n", true).await?;
-                return Ok(false);
-            }
-        },
-    };
-    // Only bodyless requests go to other endpoints on failure (as on the hyper path); any
-    // request whose body is fully buffered may be resent once on a fresh connection when a
-    // pooled one turns out to be closed.
-    let spec = &req.target.service.spec;
-    let max_attempts = 1 + if req.body == Framing::Length(0) {
-        spec.retries
-    } else {
-        0
-    };
-    let head_request = req.method == Method::HEAD;
-    let pool = req.target.pool();
-    let mut exclude = Exclude::default();
-    let mut last_error = ProxyError::NoEndpoint;
-    let mut fresh_on: Option<usize> = None;
-    let mut fresh_used = false;
-    let mut attempt = 0;
-    let mut body_complete = whole;
-    let result = loop {
-        if attempt >= max_attempts {
-            break Err(last_error);
-        }
-        let sent_ns = clock::now_ns();
-        let now_ms = sent_ns / 1_000_000;
-        let picked = fresh_on.take().or_else(|| {
-            pool.balancer.pick(
-                &pool.endpoints,
-                &PickContext {
-                    hash: conn.hash,
-                    now_ms,
-                    now_ns: sent_ns,
-                    exclude,
-                },
-            )
-        });
-        let Some(idx) = picked else {
-            break Err(last_error);
-        };
-        let endpoint = &pool.endpoints[idx];
-        if let Some(rec) = req.record.as_mut() {
-            rec.endpoint = Some(endpoint.addr);
-            rec.attempts = attempt + 1;
-        }
-        let idle = conn.ctx.upstreams.raw.idle(endpoint.addr);
-        let (mut up, reused) = match idle_or_connect(
-            &idle,
-            fresh_used,
-            endpoint.addr,
-            spec.timeouts.connect,
-        )
-        .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                endpoint.stats.record_failure(now_ms);
-                tracing::debug!(service = %req.target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
-                last_error = e;
-                exclude.insert(idx);
-                attempt += 1;
-                continue;
-            }
-        };
-        let in_flight = endpoint.stats.start();
-        // Head and buffered body in one write.
+) -> impl std::future::Future<Output = io::Result<bool>> + Send + 'a {
+    async move {
+        // The request body bytes already read: forwarded with the head when they complete it.
+        let mut body = BodyLeft::new(req.body);
         let b = c.bufs();
-        let head_end = b.out.len();
-        let body_start = b.pos + req.head_len;
-        b.out
-            .extend_from_slice(&b.buf[body_start..body_start + buffered]);
-        let written = up.write_all(&b.out).await;
-        b.out.truncate(head_end);
-        if written.is_err() {
-            // Nothing reached the endpoint: a stale pooled connection is replaced once by a
-            // fresh one to the same endpoint; otherwise try another endpoint.
-            if reused && !fresh_used {
-                fresh_used = true;
-                fresh_on = Some(idx);
-                continue;
-            }
-            last_error = ProxyError::NotSent;
-            exclude.insert(idx);
-            attempt += 1;
-            continue;
-        }
-        let mut interim_sent = false;
-        let head = if whole {
-            let (stream, b) = c.parts();
-            let (_, mut cw) = stream.split();
-            let close_client = req.close || conn.shutdown.is_cancelled();
-            read_response_head(
-                &up,
-                &mut b.ubuf,
-                &mut b.out,
-                &mut cw,
-                head_request,
-                close_client,
-                spec.timeouts.response,
-                &mut interim_sent,
-            )
-            .await
-        } else {
-            c.consume(req.head_len + buffered);
-            match stream_body_then_head(&mut up, c, body.as_mut(), &req, conn).await {
-                Ok((h, complete)) => {
-                    body_complete = complete;
-                    h
-                }
-                Err(Side::Client) => return Ok(false),
-                Err(_) => {
+        let after_head = &b.buf[b.pos + req.head_len..];
+        let (buffered, whole) = match body.as_mut() {
+            None => (0, true),
+            Some(b) => match b.take(after_head) {
+                Ok((n, done)) => (n, done),
+                Err(BadChunk) => {
                     write_local(c, StatusCode::BAD_REQUEST, "400 bad request\n", true).await?;
                     return Ok(false);
                 }
-            }
+            },
         };
-        let now_ns = clock::now_ns();
-        match head {
-            Ok(resp) => {
-                endpoint.stats.record_success();
-                endpoint.stats.record_latency(now_ns - sent_ns, now_ns);
-                if let Some(rec) = req.record.as_mut() {
-                    rec.upstream_us = now_ns.saturating_sub(started_ns) / 1000;
-                }
-                break Ok((up, resp, in_flight, idle));
+        // Only bodyless requests go to other endpoints on failure (as on the hyper path); any
+        // request whose body is fully buffered may be resent once on a fresh connection when a
+        // pooled one turns out to be closed.
+        let spec = &req.target.service.spec;
+        let max_attempts = 1 + if req.body == Framing::Length(0) {
+            spec.retries
+        } else {
+            0
+        };
+        let head_request = req.method == Method::HEAD;
+        let pool = req.target.pool();
+        let mut exclude = Exclude::default();
+        let mut last_error = ProxyError::NoEndpoint;
+        let mut fresh_on: Option<usize> = None;
+        let mut fresh_used = false;
+        let mut attempt = 0;
+        let mut body_complete = whole;
+        let result = loop {
+            if attempt >= max_attempts {
+                break Err(last_error);
             }
-            Err(e) => {
-                drop(in_flight);
-                tracing::debug!(service = %req.target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
-                if !whole || interim_sent {
-                    break Err(e);
+            let sent_ns = clock::now_ns();
+            let now_ms = sent_ns / 1_000_000;
+            let picked = fresh_on.take().or_else(|| {
+                pool.balancer.pick(
+                    &pool.endpoints,
+                    &PickContext {
+                        hash: conn.hash,
+                        now_ms,
+                        now_ns: sent_ns,
+                        exclude,
+                    },
+                )
+            });
+            let Some(idx) = picked else {
+                break Err(last_error);
+            };
+            let endpoint = &pool.endpoints[idx];
+            if let Some(rec) = req.record.as_mut() {
+                rec.endpoint = Some(endpoint.addr);
+                rec.attempts = attempt + 1;
+            }
+            let idle = conn.ctx.upstreams.raw.idle(endpoint.addr);
+            let (mut up, reused) = match idle_or_connect(
+                &idle,
+                fresh_used,
+                endpoint.addr,
+                spec.timeouts.connect,
+            )
+            .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    endpoint.stats.record_failure(now_ms);
+                    tracing::debug!(service = %req.target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
+                    last_error = e;
+                    exclude.insert(idx);
+                    attempt += 1;
+                    continue;
                 }
-                if e == ProxyError::ResetBeforeResponse
-                    && reused
-                    && !fresh_used
-                    && is_idempotent(&req.method)
-                {
-                    // An idle connection closed just as it was reused: once, on a new one.
+            };
+            let in_flight = endpoint.stats.start();
+            // Head and buffered body in one write.
+            let b = c.bufs();
+            let head_end = b.out.len();
+            let body_start = b.pos + req.head_len;
+            b.out
+                .extend_from_slice(&b.buf[body_start..body_start + buffered]);
+            let written = up.write_all(&b.out).await;
+            b.out.truncate(head_end);
+            if written.is_err() {
+                // Nothing reached the endpoint: a stale pooled connection is replaced once by a
+                // fresh one to the same endpoint; otherwise try another endpoint.
+                if reused && !fresh_used {
                     fresh_used = true;
                     fresh_on = Some(idx);
                     continue;
                 }
-                last_error = e;
+                last_error = ProxyError::NotSent;
                 exclude.insert(idx);
                 attempt += 1;
-                if !e.retryable(&req.method) {
-                    break Err(e);
+                continue;
+            }
+            let mut interim_sent = false;
+            let head = if whole {
+                let (stream, b) = c.parts();
+                let (_, mut cw) = stream.split();
+                let close_client = req.close || conn.shutdown.is_cancelled();
+                read_response_head(
+                    &up,
+                    &mut b.ubuf,
+                    &mut b.out,
+                    &mut cw,
+                    head_request,
+                    close_client,
+                    spec.timeouts.response,
+                    &mut interim_sent,
+                )
+                .await
+            } else {
+                c.consume(req.head_len + buffered);
+                // Boxed: the rare path, and twice the size of the common one.
+                match Box::pin(stream_body_then_head(&mut up, c, body.as_mut(), &req, conn)).await {
+                    Ok((h, complete)) => {
+                        body_complete = complete;
+                        h
+                    }
+                    Err(Side::Client) => return Ok(false),
+                    Err(_) => {
+                        write_local(c, StatusCode::BAD_REQUEST, "400 bad request\n", true).await?;
+                        return Ok(false);
+                    }
+                }
+            };
+            let now_ns = clock::now_ns();
+            match head {
+                Ok(resp) => {
+                    endpoint.stats.record_success();
+                    endpoint.stats.record_latency(now_ns - sent_ns, now_ns);
+                    if let Some(rec) = req.record.as_mut() {
+                        rec.upstream_us = now_ns.saturating_sub(started_ns) / 1000;
+                    }
+                    break Ok((up, resp, in_flight, idle));
+                }
+                Err(e) => {
+                    drop(in_flight);
+                    tracing::debug!(service = %req.target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
+                    if !whole || interim_sent {
+                        break Err(e);
+                    }
+                    if e == ProxyError::ResetBeforeResponse
+                        && reused
+                        && !fresh_used
+                        && is_idempotent(&req.method)
+                    {
+                        // An idle connection closed just as it was reused: once, on a new one.
+                        fresh_used = true;
+                        fresh_on = Some(idx);
+                        continue;
+                    }
+                    last_error = e;
+                    exclude.insert(idx);
+                    attempt += 1;
+                    if !e.retryable(&req.method) {
+                        break Err(e);
+                    }
                 }
             }
-        }
-    };
-    let (mut up, resp, _in_flight, idle) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let close = req.close || !body_complete;
-            if whole {
-                c.consume(req.head_len + buffered);
+        };
+        let (mut up, resp, _in_flight, idle) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let close = req.close || !body_complete;
+                if whole {
+                    c.consume(req.head_len + buffered);
+                }
+                let ok = write_local(c, e.status(), e.body(), close).await.is_ok();
+                log(conn, req.record, e.status().as_u16(), 0, started_ns);
+                return Ok(ok && !close);
             }
-            let ok = write_local(c, e.status(), e.body(), close).await.is_ok();
-            log(conn, req.record, e.status().as_u16(), 0, started_ns);
-            return Ok(ok && !close);
+        };
+        if whole {
+            c.consume(req.head_len + buffered);
         }
-    };
-    if whole {
-        c.consume(req.head_len + buffered);
+        let (sent, complete, upstream_clean) = relay_response(&mut up, c, &resp).await;
+        log(conn, req.record.take(), resp.status, sent, started_ns);
+        if complete && upstream_clean && resp.reusable && body_complete {
+            idle.push(up);
+        }
+        Ok(complete && !resp.close && !req.close && body_complete)
     }
-    let (sent, complete, upstream_clean) = relay_response(&mut up, c, &resp).await;
-    log(conn, req.record.take(), resp.status, sent, started_ns);
-    if complete && upstream_clean && resp.reusable && body_complete {
-        idle.push(up);
-    }
-    Ok(complete && !resp.close && !req.close && body_complete)
 }
 
 /// Read the response head (forwarding interim 1xx heads to the client), bounded by the
@@ -1310,5 +1324,16 @@ mod size_probe {
         assert!(n <= bound, "http::serve_connection future is {n} bytes");
         let n = crate::http::future_size(super::serve);
         assert!(n <= 200, "fast1::serve future is {n} bytes");
+    }
+
+    /// Each request's future is boxed; within 1,024 bytes glibc serves the box from its
+    /// per-thread cache (tcache) instead of its bins.
+    #[test]
+    fn request_future_fits_malloc_thread_cache() {
+        fn size3<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let n = size3(super::one_request);
+        assert!(n <= 1024, "fast1::one_request future is {n} bytes");
     }
 }

@@ -50,48 +50,54 @@ pub(crate) struct ConnState {
 }
 
 /// hyper service entry point: never fails, every error becomes a response.
-pub(crate) async fn handle(
+///
+/// hyper spawns a task per HTTP/2 stream holding this future, so it is a function returning an
+/// `async move` block (an `async fn` stores its arguments twice).
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn handle(
     conn: Arc<ConnState>,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    let started_ns = clock::now_ns();
-    let mut record = conn.ctx.access_log.as_ref().map(|_| AccessRecord {
-        time_ms: unix_ms(),
-        client: conn.peer.ip(),
-        entrypoint: Arc::clone(&conn.entrypoint),
-        method: req.method().clone(),
-        host: host_of(&req).unwrap_or_default().to_string(),
-        path: req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string(),
-        protocol: version_str(req.version()),
-        status: 0,
-        bytes: 0,
-        router: None,
-        service: None,
-        endpoint: None,
-        duration_us: 0,
-        upstream_us: 0,
-        attempts: 0,
-    });
-    let mut response = match proxy(&conn, req, record.as_mut(), started_ns).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(entrypoint = %conn.entrypoint, peer = %conn.peer, error = %e, source = ?e.source(), "request failed");
-            error_response(e)
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
+    async move {
+        let started_ns = clock::now_ns();
+        let mut record = conn.ctx.access_log.as_ref().map(|_| AccessRecord {
+            time_ms: unix_ms(),
+            client: conn.peer.ip(),
+            entrypoint: Arc::clone(&conn.entrypoint),
+            method: req.method().clone(),
+            host: host_of(&req).unwrap_or_default().to_string(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            protocol: version_str(req.version()),
+            status: 0,
+            bytes: 0,
+            router: None,
+            service: None,
+            endpoint: None,
+            duration_us: 0,
+            upstream_us: 0,
+            attempts: 0,
+        });
+        let mut response = match proxy(&conn, req, record.as_mut(), started_ns).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(entrypoint = %conn.entrypoint, peer = %conn.peer, error = %e, source = ?e.source(), "request failed");
+                error_response(e)
+            }
+        };
+        if let (Some(mut record), Some(log)) = (record, conn.ctx.access_log.as_ref()) {
+            record.status = response.status().as_u16();
+            response.body_mut().set_log(Some(Box::new(PendingLog {
+                log: Arc::clone(log),
+                record,
+                started_ns,
+            })));
         }
-    };
-    if let (Some(mut record), Some(log)) = (record, conn.ctx.access_log.as_ref()) {
-        record.status = response.status().as_u16();
-        response.body_mut().set_log(Some(Box::new(PendingLog {
-            log: Arc::clone(log),
-            record,
-            started_ns,
-        })));
+        Ok(response)
     }
-    Ok(response)
 }
 
 pub(crate) fn error_response(e: ProxyError) -> Response<ProxyBody> {
@@ -185,174 +191,177 @@ fn route<B>(conn: &ConnState, req: &Request<B>) -> Result<Routed, ProxyError> {
     Ok(Routed::To(router, target))
 }
 
-async fn proxy(
-    conn: &ConnState,
+#[allow(clippy::manual_async_fn)]
+fn proxy<'a>(
+    conn: &'a ConnState,
     mut req: Request<Incoming>,
-    mut record: Option<&mut AccessRecord>,
+    mut record: Option<&'a mut AccessRecord>,
     started_ns: u64,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let (router, target) = match route(conn, &req)? {
-        Routed::Redirect(r) => return Ok(*r),
-        Routed::To(router, target) => (router, target),
-    };
-    if let Some(rec) = record.as_deref_mut() {
-        rec.router = Some(router);
-        rec.service = Some(Arc::clone(&target.service.name));
-    }
-    let upgrade = is_upgrade(&req);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    if upgrade && target.protocol == HttpUpstream::H2c {
-        return Err(ProxyError::UpstreamProtocol);
-    }
-    let sticky_idx = target
-        .sticky
-        .as_ref()
-        .and_then(|s| sticky_endpoint(&req, s, &target));
-
-    // Request hygiene.
-    let host_header = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    strip_hop_by_hop(req.headers_mut(), upgrade);
-    set_forwarding(req.headers_mut(), &conn.forward, host_header.as_ref());
-    if let Some(h) = &host_header {
-        // HTTP/2 requests carry the host in :authority; HTTP/1 upstreams need a Host header.
-        req.headers_mut()
-            .entry(header::HOST)
-            .or_insert_with(|| h.clone());
-    }
-    let (parts, body) = req.into_parts();
-    let method = parts.method.clone();
-    let bodyless = body.is_end_stream();
-    let spec = &target.service.spec;
-    let max_attempts = 1 + if bodyless && !upgrade {
-        spec.retries
-    } else {
-        0
-    };
-    let mut body = Some(if bodyless {
-        Either::Right(Empty::new())
-    } else {
-        Either::Left(body)
-    });
-    let mut parts = Some(parts);
-    // Bodyless requests to plain HTTP/1.1 endpoints go through meshgate's own client.
-    let inline = target.protocol == HttpUpstream::Http1 && bodyless && !upgrade;
-    let pool = target.pool();
-    let mut exclude = Exclude::default();
-    let mut last_error = ProxyError::NoEndpoint;
-    for attempt in 0..max_attempts {
-        // One clock read per attempt: the pick and the latency sample share it (the pick takes
-        // well under a microsecond), and `now_ms` derives from the same process clock.
-        let sent_ns = clock::now_ns();
-        let now_ms = sent_ns / 1_000_000;
-        let idx = match sticky_idx.filter(|_| attempt == 0) {
-            Some(i) => Some(i),
-            None => pool.balancer.pick(
-                &pool.endpoints,
-                &PickContext {
-                    hash: conn.hash,
-                    now_ms,
-                    now_ns: sent_ns,
-                    exclude,
-                },
-            ),
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
+    async move {
+        let (router, target) = match route(conn, &req)? {
+            Routed::Redirect(r) => return Ok(*r),
+            Routed::To(router, target) => (router, target),
         };
-        let Some(idx) = idx else {
-            return Err(last_error);
-        };
-        exclude.insert(idx);
-        let endpoint = &pool.endpoints[idx];
         if let Some(rec) = record.as_deref_mut() {
-            rec.endpoint = Some(endpoint.addr);
-            rec.attempts = attempt + 1;
+            rec.router = Some(router);
+            rec.service = Some(Arc::clone(&target.service.name));
         }
-        let in_flight = endpoint.stats.start();
-        let result = if inline {
-            // meshgate's own client writes the head from the request as it is: no copy.
-            let head = parts.as_ref().expect("head kept until the last attempt");
-            let fut = h1client::send(
-                &conn.ctx.upstreams.raw,
-                endpoint.addr,
-                spec.timeouts.connect,
-                head,
-            );
-            within(spec.timeouts.response, fut).await.map(Answer::Raw)
+        let upgrade = is_upgrade(&req);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        if upgrade && target.protocol == HttpUpstream::H2c {
+            return Err(ProxyError::UpstreamProtocol);
+        }
+        let sticky_idx = target
+            .sticky
+            .as_ref()
+            .and_then(|s| sticky_endpoint(&req, s, &target));
+
+        // Request hygiene.
+        let host_header = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        set_forwarding(req.headers_mut(), &conn.forward, host_header.as_ref());
+        if let Some(h) = &host_header {
+            // HTTP/2 requests carry the host in :authority; HTTP/1 upstreams need a Host header.
+            req.headers_mut()
+                .entry(header::HOST)
+                .or_insert_with(|| h.clone());
+        }
+        let (parts, body) = req.into_parts();
+        let method = parts.method.clone();
+        let bodyless = body.is_end_stream();
+        let spec = &target.service.spec;
+        let max_attempts = 1 + if bodyless && !upgrade {
+            spec.retries
         } else {
-            // The last attempt takes the head by value; earlier ones send a copy.
-            let head = if attempt + 1 == max_attempts {
-                parts.take().expect("head kept until the last attempt")
-            } else {
-                copy_head(parts.as_ref().expect("head kept until the last attempt"))
-            };
-            let out_body = if attempt + 1 == max_attempts || !bodyless {
-                body.take().expect("body kept until the last attempt")
-            } else {
-                Either::Right(Empty::new())
-            };
-            // Boxed: the rare path keeps its large state out of every request's future.
-            Box::pin(send_hyper(
-                conn,
-                &target,
-                idx,
-                Request::from_parts(head, out_body),
-            ))
-            .await
+            0
         };
-        let now_ns = clock::now_ns();
-        match result {
-            Ok(answer) => {
-                endpoint.stats.record_success();
-                endpoint.stats.record_latency(now_ns - sent_ns, now_ns);
-                if let Some(rec) = record.as_deref_mut() {
-                    rec.upstream_us = now_ns.saturating_sub(started_ns) / 1000;
-                }
-                let mut resp = match answer {
-                    Answer::Raw(resp) => resp.map(|b| ProxyBody::raw(b, in_flight)),
-                    Answer::Hyper(mut resp, pooled) => {
-                        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                        if let (true, Some(down)) = (switching, downstream_upgrade) {
-                            let up = hyper::upgrade::on(&mut resp);
-                            // The connection now belongs to the tunnel.
-                            if let Some(c) = pooled {
-                                c.discard();
-                            }
-                            let shutdown = conn.shutdown.clone();
-                            tokio::spawn(tunnel(down, up, in_flight, shutdown));
-                            strip_hop_by_hop(resp.headers_mut(), true);
-                            return Ok(resp.map(|_| ProxyBody::local(Bytes::new())));
-                        }
-                        resp.map(|b| {
-                            let mut body = ProxyBody::upstream(b, Some(in_flight));
-                            body.set_conn(pooled);
-                            body
-                        })
-                    }
-                };
-                strip_hop_by_hop(resp.headers_mut(), false);
-                if let Some(sticky) = &target.sticky {
-                    if sticky_idx != Some(idx) {
-                        resp.headers_mut()
-                            .append(header::SET_COOKIE, sticky.set_cookie[idx].clone());
-                    }
-                }
-                return Ok(resp);
+        let mut body = Some(if bodyless {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(body)
+        });
+        let mut parts = Some(parts);
+        // Bodyless requests to plain HTTP/1.1 endpoints go through meshgate's own client.
+        let inline = target.protocol == HttpUpstream::Http1 && bodyless && !upgrade;
+        let pool = target.pool();
+        let mut exclude = Exclude::default();
+        let mut last_error = ProxyError::NoEndpoint;
+        for attempt in 0..max_attempts {
+            // One clock read per attempt: the pick and the latency sample share it (the pick takes
+            // well under a microsecond), and `now_ms` derives from the same process clock.
+            let sent_ns = clock::now_ns();
+            let now_ms = sent_ns / 1_000_000;
+            let idx = match sticky_idx.filter(|_| attempt == 0) {
+                Some(i) => Some(i),
+                None => pool.balancer.pick(
+                    &pool.endpoints,
+                    &PickContext {
+                        hash: conn.hash,
+                        now_ms,
+                        now_ns: sent_ns,
+                        exclude,
+                    },
+                ),
+            };
+            let Some(idx) = idx else {
+                return Err(last_error);
+            };
+            exclude.insert(idx);
+            let endpoint = &pool.endpoints[idx];
+            if let Some(rec) = record.as_deref_mut() {
+                rec.endpoint = Some(endpoint.addr);
+                rec.attempts = attempt + 1;
             }
-            Err(e) => {
-                if e.is_connect_failure() {
-                    endpoint.stats.record_failure(now_ms);
+            let in_flight = endpoint.stats.start();
+            let result = if inline {
+                // meshgate's own client writes the head from the request as it is: no copy.
+                let head = parts.as_ref().expect("head kept until the last attempt");
+                let fut = h1client::send(
+                    &conn.ctx.upstreams.raw,
+                    endpoint.addr,
+                    spec.timeouts.connect,
+                    head,
+                );
+                within(spec.timeouts.response, fut).await.map(Answer::Raw)
+            } else {
+                // The last attempt takes the head by value; earlier ones send a copy.
+                let head = if attempt + 1 == max_attempts {
+                    parts.take().expect("head kept until the last attempt")
+                } else {
+                    copy_head(parts.as_ref().expect("head kept until the last attempt"))
+                };
+                let out_body = if attempt + 1 == max_attempts || !bodyless {
+                    body.take().expect("body kept until the last attempt")
+                } else {
+                    Either::Right(Empty::new())
+                };
+                // Boxed: the rare path keeps its large state out of every request's future.
+                Box::pin(send_hyper(
+                    conn,
+                    &target,
+                    idx,
+                    Request::from_parts(head, out_body),
+                ))
+                .await
+            };
+            let now_ns = clock::now_ns();
+            match result {
+                Ok(answer) => {
+                    endpoint.stats.record_success();
+                    endpoint.stats.record_latency(now_ns - sent_ns, now_ns);
+                    if let Some(rec) = record.as_deref_mut() {
+                        rec.upstream_us = now_ns.saturating_sub(started_ns) / 1000;
+                    }
+                    let mut resp = match answer {
+                        Answer::Raw(resp) => resp.map(|b| ProxyBody::raw(b, in_flight)),
+                        Answer::Hyper(mut resp, pooled) => {
+                            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                            if let (true, Some(down)) = (switching, downstream_upgrade) {
+                                let up = hyper::upgrade::on(&mut resp);
+                                // The connection now belongs to the tunnel.
+                                if let Some(c) = pooled {
+                                    c.discard();
+                                }
+                                let shutdown = conn.shutdown.clone();
+                                tokio::spawn(tunnel(down, up, in_flight, shutdown));
+                                strip_hop_by_hop(resp.headers_mut(), true);
+                                return Ok(resp.map(|_| ProxyBody::local(Bytes::new())));
+                            }
+                            resp.map(|b| {
+                                let mut body = ProxyBody::upstream(b, Some(in_flight));
+                                body.set_conn(pooled);
+                                body
+                            })
+                        }
+                    };
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                    if let Some(sticky) = &target.sticky {
+                        if sticky_idx != Some(idx) {
+                            resp.headers_mut()
+                                .append(header::SET_COOKIE, sticky.set_cookie[idx].clone());
+                        }
+                    }
+                    return Ok(resp);
                 }
-                tracing::debug!(service = %target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
-                last_error = e;
-                if !e.retryable(&method) {
-                    return Err(e);
+                Err(e) => {
+                    if e.is_connect_failure() {
+                        endpoint.stats.record_failure(now_ms);
+                    }
+                    tracing::debug!(service = %target.service.name, endpoint = %endpoint.addr, error = %e, attempt, "upstream attempt failed");
+                    last_error = e;
+                    if !e.retryable(&method) {
+                        return Err(e);
+                    }
                 }
             }
         }
+        Err(last_error)
     }
-    Err(last_error)
 }
 
 /// What an endpoint answered, through hyper's client or meshgate's own.
@@ -362,15 +371,20 @@ enum Answer {
 }
 
 /// `fut` bounded by the service's response timeout, if it has one.
-pub(super) async fn within<T>(
+pub(super) fn within<T, F>(
     limit: Option<std::time::Duration>,
-    fut: impl std::future::Future<Output = Result<T, ProxyError>>,
-) -> Result<T, ProxyError> {
+    fut: F,
+) -> impl std::future::Future<Output = Result<T, ProxyError>>
+where
+    F: std::future::Future<Output = Result<T, ProxyError>>,
+{
+    use futures_util::FutureExt;
+    use tokio_util::either::Either;
     match limit {
-        Some(limit) => tokio::time::timeout(limit, fut)
-            .await
-            .unwrap_or(Err(ProxyError::ResponseTimeout)),
-        None => fut.await,
+        Some(limit) => Either::Left(
+            tokio::time::timeout(limit, fut).map(|r| r.unwrap_or(Err(ProxyError::ResponseTimeout))),
+        ),
+        None => Either::Right(fut),
     }
 }
 
@@ -538,7 +552,7 @@ mod size_probe {
     #[test]
     fn request_future_stays_small() {
         let handle = size(super::handle);
-        assert!(handle < 3072, "handle future is {handle} bytes");
+        assert!(handle <= 2048, "handle future is {handle} bytes");
         let pools = crate::http::h1pool::EndpointPools::default();
         let parts = http::Request::new(()).into_parts().0;
         let addr = "127.0.0.1:1".parse().unwrap();
