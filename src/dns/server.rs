@@ -277,6 +277,12 @@ impl UdpBatch {
 
     /// Take up to `UDP_BATCH` queries off the socket without waiting; how many. `WouldBlock`
     /// (clearing the socket's readiness) when there were none.
+    ///
+    /// A short batch also clears the readiness: the queue was empty when `recvmmsg` stopped,
+    /// so the worker waits for the next datagram instead of spending a `recvmmsg` to learn it
+    /// (`EAGAIN`) on every wake-up. A datagram arriving meanwhile sets the readiness again
+    /// (tokio clears only the readiness it saw). recvmmsg stops early on an error only, and
+    /// an unconnected socket without `IP_RECVERR` (this one) gets no ICMP errors.
     #[cfg(target_os = "linux")]
     fn recv(&mut self, udp: &UdpSocket) -> std::io::Result<usize> {
         use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage};
@@ -291,7 +297,7 @@ impl UdpBatch {
         let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
         let received = &mut self.received;
         received.clear();
-        udp.try_io(tokio::io::Interest::READABLE, || {
+        let result = udp.try_io(tokio::io::Interest::READABLE, || {
             let msgs = recvmmsg(
                 fd,
                 &mut headers,
@@ -299,7 +305,9 @@ impl UdpBatch {
                 MsgFlags::MSG_DONTWAIT,
                 None,
             )?;
+            let mut taken = 0;
             for msg in msgs {
+                taken += 1;
                 let peer = msg.address.and_then(|a| {
                     a.as_sockaddr_in()
                         .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
@@ -315,8 +323,17 @@ impl UdpBatch {
                     received.push((msg.bytes.min(UDP_QUERY_SLOT), peer, cut));
                 }
             }
+            if taken < UDP_BATCH {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
             Ok(received.len())
-        })
+        });
+        match result {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !received.is_empty() => {
+                Ok(received.len())
+            }
+            other => other,
+        }
     }
 
     /// Elsewhere: `recv_from` until the socket is empty or the batch full.
