@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A/B two meshgate binaries on the same machine in the same run: interleaved rounds (A B A B …)
-# of wrk (HTTP/1.1 keep-alive; `close`: a new connection per request) or h2load (HTTP/2 over
-# TLS), medians and the ratio B/A.
+# of wrk (HTTP/1.1 keep-alive; `close`: a new connection per request; `l4`: keep-alive through
+# an L4 TCP port) or h2load (HTTP/2 over TLS), medians and the ratio B/A.
 # Same setup as run.sh: nginx backend and both proxies (1 worker) pinned to PROXY_CPU, the load
 # generator to LOAD_CPU, loopback only, every process stopped by PID on exit.
-# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2] [rounds] [seconds]
+# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|l4] [rounds] [seconds]
 set -u -o pipefail
 A=$1; B=$2; MODE=${3:-http}; ROUNDS=${4:-5}; SECS=${5:-4}
 LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-26000}
@@ -14,7 +14,15 @@ lb_tmp meshgate-ab
 lb_cert
 KIND=http; [ "$MODE" = h2 ] && KIND=https
 CLOSE=; [ "$MODE" = close ] && CLOSE=1
-lb_config $((P+2)) "$KIND" >"$TMP/a.yaml"; lb_config $((P+3)) "$KIND" >"$TMP/b.yaml"
+l4_config() { # port: the backend behind an L4 TCP port
+  printf 'log: {level: warn}\nadmin: {enabled: false}\nproviders: {file: {watch: false}}\n'
+  printf 'services: {web: {ports: ["127.0.0.1:%s:80/tcp"], endpoints: ["127.0.0.1:%s"]}}\n' "$1" $((P+1))
+}
+if [ "$MODE" = l4 ]; then
+  l4_config $((P+2)) >"$TMP/a.yaml"; l4_config $((P+3)) >"$TMP/b.yaml"
+else
+  lb_config $((P+2)) "$KIND" >"$TMP/a.yaml"; lb_config $((P+3)) "$KIND" >"$TMP/b.yaml"
+fi
 lb_backend
 TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$A" run --config "$TMP/a.yaml" & PIDS+=($!)
 TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$B" run --config "$TMP/b.yaml" & PIDS+=($!)
