@@ -38,7 +38,7 @@ use super::h1wire::{
 use super::proxy::{within, ConnState};
 use super::router::Target;
 use super::rule::RequestView;
-use crate::balance::{Exclude, PickContext};
+use crate::balance::Exclude;
 use crate::clock;
 use crate::model::HttpUpstream;
 use crate::proxy::copy::bufs::BUF_SIZE;
@@ -151,11 +151,10 @@ impl Client {
 
     /// The buffers of a request in progress ([`Client::ensure_buffers`] took them).
     fn bufs(&mut self) -> &mut Bufs {
-        self.b
-            .as_deref_mut()
-            .expect("buffers are taken before a request is read")
+        self.parts().1
     }
 
+    /// The stream and the buffers of a request in progress, borrowed apart.
     fn parts(&mut self) -> (&mut TcpStream, &mut Bufs) {
         let b = self
             .b
@@ -827,17 +826,9 @@ fn exchange<'a>(
             }
             let sent_ns = clock::now_ns();
             let now_ms = sent_ns / 1_000_000;
-            let picked = fresh_on.take().or_else(|| {
-                pool.balancer.pick(
-                    &pool.endpoints,
-                    &PickContext {
-                        hash: conn.hash,
-                        now_ms,
-                        now_ns: sent_ns,
-                        exclude,
-                    },
-                )
-            });
+            let picked = fresh_on
+                .take()
+                .or_else(|| conn.pick(pool, sent_ns, exclude));
             let Some(idx) = picked else {
                 break Err(last_error);
             };

@@ -33,7 +33,7 @@ use super::HttpContext;
 use crate::balance::{Exclude, PickContext};
 use crate::clock;
 use crate::model::HttpUpstream;
-use crate::table::RoutingTable;
+use crate::table::{Pool, RoutingTable};
 
 /// Per-connection state shared by the requests of one downstream connection.
 pub(crate) struct ConnState {
@@ -47,6 +47,22 @@ pub(crate) struct ConnState {
     /// Client IP hash for consistent-hash balancing.
     pub hash: u64,
     pub shutdown: CancellationToken,
+}
+
+impl ConnState {
+    /// The balancer's pick among `pool`'s endpoints for this client at `now_ns`, other than
+    /// those in `exclude` (both request paths).
+    pub(crate) fn pick(&self, pool: &Pool, now_ns: u64, exclude: Exclude) -> Option<usize> {
+        pool.balancer.pick(
+            &pool.endpoints,
+            &PickContext {
+                hash: self.hash,
+                now_ms: now_ns / 1_000_000,
+                now_ns,
+                exclude,
+            },
+        )
+    }
 }
 
 /// hyper service entry point: never fails, every error becomes a response.
@@ -258,15 +274,7 @@ fn proxy<'a>(
             let now_ms = sent_ns / 1_000_000;
             let idx = match sticky_idx.filter(|_| attempt == 0) {
                 Some(i) => Some(i),
-                None => pool.balancer.pick(
-                    &pool.endpoints,
-                    &PickContext {
-                        hash: conn.hash,
-                        now_ms,
-                        now_ns: sent_ns,
-                        exclude,
-                    },
-                ),
+                None => conn.pick(pool, sent_ns, exclude),
             };
             let Some(idx) = idx else {
                 return Err(last_error);
