@@ -290,3 +290,119 @@ async fn h2_client_to_http1_upstream_streams_and_reuses() {
     assert_eq!(headers["x-backend"], "named");
     assert!(headers.get("x-private").is_none() && headers.get("keep-alive").is_none());
 }
+
+/// A proxy routing everything to a `backend("named")`, and an h2c client connection (prior
+/// knowledge) to it, driven in the background: the request handle and the connection's end.
+async fn h2_proxy() -> (
+    Proxy,
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let named = backend("named").await;
+    let mut s = Setup::new(EntrypointKind::Http);
+    s.service("named", &[named]);
+    s.router("named", "PathPrefix(`/`)", "named", 0);
+    let proxy = Proxy::start(&s.0, "web", HttpConfig::default()).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    (proxy, send, tokio::spawn(conn))
+}
+
+/// The whole of an h2 response: status and body as text (its receive window released).
+async fn h2_response(resp: h2::client::ResponseFuture) -> (u16, String) {
+    let resp = tokio::time::timeout(STEP, resp)
+        .await
+        .expect("response in time")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(STEP, body.data())
+        .await
+        .expect("body in time")
+    {
+        let chunk = chunk.expect("body chunk");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    (status, String::from_utf8_lossy(&text).into_owned())
+}
+
+/// meshgate's own HTTP/2 loop serves the streams of one connection together: many GETs and
+/// uploads larger than the 1 MiB receive windows (released as the upstream takes the data),
+/// each answered on its own stream.
+#[tokio::test]
+async fn h2_streams_of_one_connection_are_served_together() {
+    let (_proxy, mut send, conn) = h2_proxy().await;
+    const UPLOAD: usize = 3 << 20;
+    let mut pending = Vec::new();
+    for i in 0..46 {
+        send = tokio::time::timeout(STEP, send.ready())
+            .await
+            .expect("stream slot in time")
+            .unwrap();
+        let upload = i % 8 == 7;
+        let req = Request::builder()
+            .method(if upload { "POST" } else { "GET" })
+            .uri(format!("http://a.example/s{i}"))
+            .body(())
+            .unwrap();
+        let (resp, mut body) = send.send_request(req, !upload).unwrap();
+        if upload {
+            body.send_data(Bytes::from(vec![b'u'; UPLOAD]), true)
+                .unwrap();
+        }
+        pending.push((i, upload, resp));
+    }
+    for (i, upload, resp) in pending {
+        let (status, body) = h2_response(resp).await;
+        assert_eq!(status, 200, "{body}");
+        let method = if upload { "POST" } else { "GET" };
+        assert!(
+            body.starts_with(&format!("named\n{method} /s{i} HTTP/1.1\n")),
+            "stream {i}: {body}"
+        );
+        let bytes = if upload { UPLOAD } else { 0 };
+        assert!(
+            body.contains(&format!("body-bytes: {bytes}\n")),
+            "stream {i}: {body}"
+        );
+    }
+    drop(send);
+    let _ = tokio::time::timeout(STEP, conn).await;
+}
+
+/// A stream reset by the client ends only that stream; a graceful stop (GOAWAY) lets the
+/// streams in flight finish, then the connection closes.
+#[tokio::test]
+async fn h2_reset_stream_and_graceful_stop() {
+    let (proxy, mut send, conn) = h2_proxy().await;
+    let get = |path: &str| {
+        Request::get(format!("http://a.example{path}"))
+            .body(())
+            .unwrap()
+    };
+    // Reset while the upstream takes its time: the connection goes on.
+    let (resp, mut stream) = send.send_request(get("/slow"), false).unwrap();
+    stream.send_reset(h2::Reason::CANCEL);
+    assert!(tokio::time::timeout(STEP, resp).await.unwrap().is_err());
+    send = send.ready().await.unwrap();
+    let (resp, _) = send.send_request(get("/after-reset"), true).unwrap();
+    let (status, body) = h2_response(resp).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("GET /after-reset HTTP/1.1\n"), "{body}");
+    // Graceful stop with a slow request in flight: it is answered, then the connection ends.
+    send = send.ready().await.unwrap();
+    let (resp, _) = send.send_request(get("/slow"), true).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown.cancel();
+    let (status, body) = h2_response(resp).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("GET /slow HTTP/1.1\n"), "{body}");
+    drop(send);
+    tokio::time::timeout(STEP, conn)
+        .await
+        .expect("connection closed after the stop")
+        .unwrap()
+        .expect("closed cleanly");
+}

@@ -4,7 +4,8 @@
 # meshgate PID for the duration of the load. Prints the top self-time symbols.
 # Needs: linux-perf, nginx, wrk; target/release/meshgate (release profile keeps debug=1).
 # Usage: benches/load/profile.sh [seconds]   (default 10); STRACE=1 for syscall counts instead;
-#        MODE=h2 profiles HTTP/2 over TLS (h2load -c64 -m10, needs nghttp2-client, openssl) instead.
+#        MODE=h2 profiles HTTP/2 over TLS (h2load -c64 -m10, needs nghttp2-client, openssl) instead;
+#        SAVE=FILE keeps a copy of perf.data.
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd)
 SECS=${1:-10}; LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-25000}
@@ -36,6 +37,7 @@ perf record -e cpu-clock -F 1999 --call-graph "${CG:-fp}" -p "$MG" -o "$TMP/perf
 loadgen "$SECS"
 wait "$PERF"
 echo "== top symbols by self time (meshgate, $MODE keep-alive) =="
+[ -n "${SAVE:-}" ] && cp "$TMP/perf.data" "$SAVE"
 rep() { perf report -i "$TMP/perf.data" --no-children -g none --stdio "$@" 2>/dev/null | grep -E '^ +[0-9]' | sed 's/  *$//' ; }
 rep --sort symbol | head -"${TOP:-40}"
 echo "== by shared object =="; rep --sort dso | head -8

@@ -143,3 +143,82 @@ impl Drop for ProxyBody {
         self.finish();
     }
 }
+
+/// A request body as the client sends it: hyper's (HTTP/1, TLS or with `Upgrade`/`Expect`) or
+/// an HTTP/2 stream's (meshgate's own HTTP/2 connection loop, [`super::h2server`]).
+#[derive(Debug)]
+pub enum RequestBody {
+    Hyper(Incoming),
+    H2(H2Body),
+}
+
+/// An HTTP/2 request stream's DATA and trailers, its receive window released as data is taken
+/// (the h2 crate checks the data against `content-length` itself).
+#[derive(Debug)]
+pub struct H2Body {
+    recv: h2::RecvStream,
+    data_done: bool,
+    content_length: Option<u64>,
+}
+
+impl H2Body {
+    pub fn new(recv: h2::RecvStream, content_length: Option<u64>) -> H2Body {
+        H2Body {
+            recv,
+            data_done: false,
+            content_length,
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.data_done {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Taken: the client may send as much again.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.content_length = None;
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => self.data_done = true,
+            }
+        }
+        match std::task::ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::H2(b) => b.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(b) => b.is_end_stream(),
+            RequestBody::H2(b) => b.recv.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(b) => b.size_hint(),
+            RequestBody::H2(b) => match b.content_length {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+        }
+    }
+}

@@ -25,6 +25,7 @@ pub mod fast1;
 pub mod h1client;
 pub mod h1pool;
 pub mod h1wire;
+pub mod h2server;
 pub mod headers;
 pub mod passthrough;
 pub mod proxy;

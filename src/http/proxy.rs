@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use super::accesslog::{unix_ms, AccessRecord};
-use super::body::{PendingLog, ProxyBody};
+use super::body::{PendingLog, ProxyBody, RequestBody};
 use super::error::{classify_client_error, ProxyError};
 use super::h1client::{self, RawBody};
 use super::h1pool::PooledConn;
@@ -72,7 +72,7 @@ impl ConnState {
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn handle(
     conn: Arc<ConnState>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
     async move {
         let started_ns = clock::now_ns();
@@ -210,7 +210,7 @@ fn route<B>(conn: &ConnState, req: &Request<B>) -> Result<Routed, ProxyError> {
 #[allow(clippy::manual_async_fn)]
 fn proxy<'a>(
     conn: &'a ConnState,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     mut record: Option<&'a mut AccessRecord>,
     started_ns: u64,
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {

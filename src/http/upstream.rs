@@ -20,7 +20,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
@@ -33,7 +32,7 @@ use crate::model::HttpUpstream;
 
 /// Request body sent upstream: the downstream body streamed, or nothing (bodyless requests,
 /// which is what makes them replayable on retry).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub type UpstreamBody = Either<super::body::RequestBody, Empty<Bytes>>;
 
 pub type UpstreamClient = Client<Connector, UpstreamBody>;
 

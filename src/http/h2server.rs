@@ -1,0 +1,292 @@
+//! meshgate's own HTTP/2 connection loop, on the `h2` crate's framing, HPACK and flow control.
+//!
+//! hyper's HTTP/2 server spawns one tokio task per stream and records every frame for its
+//! keep-alive pings; on small requests that was most of meshgate's user-space time per request
+//! (task allocation and the copy of the request future into it, scheduling, waker clones, the
+//! ping recorder's lock). Here a connection is ONE task: its streams are futures polled by that
+//! task ([`FuturesUnordered`]), never spawned.
+//!
+//! One turn of the loop polls the streams that are ready (each may queue a response), then the
+//! connection (which reads new frames, hands out new streams and writes what the streams
+//! queued), and again while new streams arrived. So the responses of every stream made ready
+//! by the same I/O event leave in one write, the way HAProxy and nginx write at the end of
+//! their event loop.
+//!
+//! Kept from hyper's server: its flow-control windows (1 MiB per stream and per connection),
+//! 16 KiB frames, 200 concurrent streams, 400 KiB send buffer, the limit on streams reset by
+//! local errors (rapid-reset), `content-length` from an exact body size, and keep-alive pings
+//! (every 60 s; no answer within 20 s closes the connection).
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::{header, HeaderValue, Request, Response};
+use hyper::body::Body;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+
+use super::body::{H2Body, ProxyBody, RequestBody};
+use super::proxy::{handle, ConnState};
+
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONN_WINDOW: u32 = 1024 * 1024;
+const MAX_FRAME: u32 = 16 * 1024;
+const MAX_STREAMS: u32 = 200;
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+const PING_INTERVAL: Duration = Duration::from_secs(60);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serve one HTTP/2 connection (after TLS with ALPN `h2`, or h2c with the preface).
+pub(super) async fn serve_h2<S>(conn: Arc<ConnState>, io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_header_list_size(conn.settings.max_header_bytes.min(u32::MAX as usize) as u32);
+    let handshake = tokio::time::timeout(conn.settings.header_read_timeout, builder.handshake(io));
+    let mut h2 = match handshake.await {
+        Ok(Ok(h2)) => h2,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, "HTTP/2 handshake timed out");
+            return;
+        }
+    };
+    let mut ping = h2.ping_pong().map(KeepAlive::new);
+    let shutdown = conn.shutdown.clone();
+    let mut cancelled = pin!(shutdown.cancelled());
+    let mut stopping = false;
+    let mut streams = FuturesUnordered::new();
+    let result = poll_fn(|cx| {
+        loop {
+            // Streams first: the responses they queue leave in the connection's poll below.
+            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            let mut accepted = false;
+            loop {
+                match h2.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((req, respond)))) => {
+                        streams.push(serve_stream(Arc::clone(&conn), req, respond));
+                        accepted = true;
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    // Closed, or drained after a GOAWAY: every stream has ended.
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
+                }
+            }
+            if !stopping && cancelled.as_mut().poll(cx).is_ready() {
+                // GOAWAY; the streams in progress finish, new ones are refused.
+                h2.graceful_shutdown();
+                stopping = true;
+                continue;
+            }
+            if let Some(ka) = ping.as_mut() {
+                match ka.poll(cx) {
+                    Poll::Ready(KeepAliveEvent::Dead) => return Poll::Ready(Ok(())),
+                    Poll::Ready(KeepAliveEvent::Sent) => continue,
+                    Poll::Pending => {}
+                }
+            }
+            if !accepted {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await;
+    match result {
+        Ok(()) if ping.as_ref().is_some_and(|ka| ka.dead) => {
+            tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, "HTTP/2 keep-alive ping not answered; connection closed");
+        }
+        Ok(()) => {}
+        Err(e) => {
+            tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, error = %e, "HTTP/2 connection error");
+        }
+    }
+}
+
+/// One stream: the proxy's answer (given up if the client resets the stream), then its body
+/// piped into the stream under HTTP/2 flow control.
+async fn serve_stream(
+    conn: Arc<ConnState>,
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let content_length = content_length(req.headers());
+    let req = req.map(|recv| RequestBody::H2(H2Body::new(recv, content_length)));
+    let mut answer = pin!(handle(conn, req));
+    let response = poll_fn(|cx| {
+        if let Poll::Ready(Ok(response)) = answer.as_mut().poll(cx) {
+            return Poll::Ready(Some(response));
+        }
+        // Waiting: a RST_STREAM from the client cancels the request.
+        match respond.poll_reset(cx) {
+            Poll::Ready(_) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    let Some(response) = response else { return };
+    let (mut head, body) = response.into_parts();
+    if body.is_end_stream() {
+        let _ = respond.send_response(Response::from_parts(head, ()), true);
+        return;
+    }
+    if let Some(n) = body.size_hint().exact() {
+        if !head.headers.contains_key(header::CONTENT_LENGTH) {
+            head.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+    match respond.send_response(Response::from_parts(head, ()), false) {
+        Ok(send) => pipe(body, send).await,
+        Err(e) => tracing::debug!(error = %e, "HTTP/2 response not sent"),
+    }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The response body into the stream: a chunk is taken from the body only once the stream
+/// has send capacity for it (backpressure towards the upstream), trailers end the stream
+/// (gRPC), and a reset from the client stops it.
+async fn pipe(mut body: ProxyBody, mut send: h2::SendStream<Bytes>) {
+    let mut pending: Option<(Bytes, bool)> = None;
+    let result = poll_fn(|cx| -> Poll<Result<(), ()>> {
+        loop {
+            if let Poll::Ready(reason) = send.poll_reset(cx) {
+                tracing::debug!(reason = ?reason, "HTTP/2 stream reset by the client");
+                return Poll::Ready(Err(()));
+            }
+            if let Some((data, end)) = pending.take() {
+                while send.capacity() == 0 {
+                    match send.poll_capacity(cx) {
+                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(_) => return Poll::Ready(Err(())),
+                        Poll::Pending => {
+                            pending = Some((data, end));
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                if send.send_data(data, end).is_err() {
+                    return Poll::Ready(Err(()));
+                }
+                if end {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            // The next frame first: claiming capacity before there is data to send could pin
+            // the connection's window while another stream waits for it (hyper#4003).
+            match std::task::ready!(Pin::new(&mut body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = body.is_end_stream();
+                        if data.is_empty() {
+                            if send.send_data(data, end).is_err() || end {
+                                return Poll::Ready(Ok(()));
+                            }
+                            continue;
+                        }
+                        send.reserve_capacity(1);
+                        pending = Some((data, end));
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            send.reserve_capacity(0);
+                            let _ = send.send_trailers(trailers);
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "response body failed; stream reset");
+                    send.send_reset(h2::Reason::INTERNAL_ERROR);
+                    return Poll::Ready(Err(()));
+                }
+                None => {
+                    let _ = send.send_data(Bytes::new(), true);
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    })
+    .await;
+    let _ = result;
+}
+
+/// Keep-alive pings: one every [`PING_INTERVAL`]; a ping not answered within [`PING_TIMEOUT`]
+/// means the peer is gone. One timer per connection, touched once a minute, not per frame.
+struct KeepAlive {
+    ping: h2::PingPong,
+    timer: Pin<Box<Sleep>>,
+    waiting: bool,
+    dead: bool,
+}
+
+enum KeepAliveEvent {
+    /// A ping went out (poll again: the connection must write it).
+    Sent,
+    /// No pong in time.
+    Dead,
+}
+
+impl KeepAlive {
+    fn new(ping: h2::PingPong) -> KeepAlive {
+        KeepAlive {
+            ping,
+            timer: Box::pin(tokio::time::sleep(PING_INTERVAL)),
+            waiting: false,
+            dead: false,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<KeepAliveEvent> {
+        if self.waiting {
+            if let Poll::Ready(result) = self.ping.poll_pong(cx) {
+                self.waiting = false;
+                if result.is_err() {
+                    self.dead = true;
+                    return Poll::Ready(KeepAliveEvent::Dead);
+                }
+                self.timer.as_mut().reset(Instant::now() + PING_INTERVAL);
+            }
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if self.waiting {
+            self.dead = true;
+            return Poll::Ready(KeepAliveEvent::Dead);
+        }
+        if self.ping.send_ping(h2::Ping::opaque()).is_err() {
+            self.dead = true;
+            return Poll::Ready(KeepAliveEvent::Dead);
+        }
+        self.waiting = true;
+        self.timer.as_mut().reset(Instant::now() + PING_TIMEOUT);
+        Poll::Ready(KeepAliveEvent::Sent)
+    }
+}
