@@ -13,12 +13,21 @@
 //! (`sendmmsg`) — see `UDP_BATCH` for why. Forwarded queries run in their own tasks,
 //! bounded by a semaphore so a slow upstream cannot pile up unbounded work. TCP connections get
 //! one task each, bounded the same way, with an idle timeout.
+//!
+//! The UDP socket is registered with the event loop for READABLE only ([`Udp`]): tokio's
+//! `UdpSocket` also asks for edge-triggered `EPOLLOUT`, and a UDP socket signals it each time the
+//! kernel frees a sent datagram, so every batch of answers woke the thread once more for nothing
+//! (two `epoll_wait` per batch, `strace`). Answers are sent without waiting; a full send buffer
+//! (rare: a UDP send buffer drains as datagrams are delivered) is retried a few times, a
+//! millisecond apart, and then those answers are dropped, as the network would.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -38,10 +47,25 @@ const MAX_TCP: usize = 512;
 /// A TCP client idle this long between queries is disconnected (RFC 7766 suggests seconds).
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
+/// The UDP socket, in the event loop for READABLE only (see the module doc).
+type Udp = AsyncFd<std::net::UdpSocket>;
+
+/// Full send buffer: retries of a batch's remaining answers, this far apart, before dropping them.
+const SEND_RETRIES: u32 = 10;
+const SEND_RETRY_PAUSE: Duration = Duration::from_millis(1);
+
+/// Register `udp` with the event loop for READABLE only.
+#[allow(unsafe_code)]
+fn read_only(udp: std::net::UdpSocket) -> std::io::Result<Udp> {
+    // SAFETY: the `UdpSocket` owns its descriptor: it stays open, and the same, until the
+    // `AsyncFd` (which owns the socket and is never given another) drops it.
+    unsafe { AsyncFd::register_with_interest(udp, Interest::READABLE) }.map_err(|e| e.into())
+}
+
 /// Sockets bound, not yet serving (lets callers learn the port before queries start).
 #[derive(Debug)]
 pub struct DnsServer {
-    udp: Arc<UdpSocket>,
+    udp: Arc<Udp>,
     tcp: TcpListener,
     cfg: DnsConfig,
 }
@@ -68,11 +92,18 @@ impl DnsServer {
             })?;
             match TcpListener::bind(addr).await {
                 Ok(tcp) => {
+                    let udp =
+                        udp.into_std()
+                            .and_then(read_only)
+                            .map_err(|source| DnsError::BindUdp {
+                                addr: cfg.bind,
+                                source,
+                            })?;
                     return Ok(DnsServer {
                         udp: Arc::new(udp),
                         tcp,
                         cfg,
-                    })
+                    });
                 }
                 Err(source) => last = Some(DnsError::BindTcp { addr, source }),
             }
@@ -183,20 +214,25 @@ const UDP_BATCH: usize = 32;
 /// FORMERR (real queries are a few dozen bytes; EDNS ones stay below 512).
 const UDP_QUERY_SLOT: usize = 2048;
 
-async fn udp_worker(ctx: Arc<Context>, udp: Arc<UdpSocket>) {
+async fn udp_worker(ctx: Arc<Context>, udp: Arc<Udp>) {
     let mut batch = UdpBatch::new();
     loop {
-        tokio::select! {
+        let mut ready = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
-            r = udp.readable() => if let Err(e) = r {
-                tracing::warn!(error = %e, "dns udp socket failed");
-                return;
+            r = udp.readable() => match r {
+                Ok(ready) => ready,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dns udp socket failed");
+                    return;
+                }
             },
-        }
-        match batch.recv(&udp) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
+        };
+        // A short batch says `WouldBlock`, and `try_io` then clears the readiness.
+        match ready.try_io(|udp| batch.recv(udp.get_ref())) {
+            Ok(Ok(_)) => {}
+            Err(_) if !batch.received.is_empty() => {}
+            Err(_) => continue,
+            Ok(Err(e)) => {
                 // ICMP errors surface here (ECONNREFUSED from an earlier send): keep going.
                 tracing::debug!(error = %e, "dns udp recv error");
                 continue;
@@ -224,7 +260,7 @@ async fn udp_worker(ctx: Arc<Context>, udp: Arc<UdpSocket>) {
 }
 
 /// Relay a query outside our zone in its own task (bounded by `MAX_FORWARDS`).
-fn forward_udp(ctx: &Arc<Context>, udp: &Arc<UdpSocket>, query: &[u8], peer: SocketAddr) {
+fn forward_udp(ctx: &Arc<Context>, udp: &Arc<Udp>, query: &[u8], peer: SocketAddr) {
     let udp = Arc::clone(udp);
     match Arc::clone(&ctx.forwards).try_acquire_owned() {
         Ok(permit) => {
@@ -235,14 +271,30 @@ fn forward_udp(ctx: &Arc<Context>, udp: &Arc<UdpSocket>, query: &[u8], peer: Soc
                     .await
                     .unwrap_or_else(|| servfail(&query));
                 drop(permit);
-                let _ = udp.send_to(&response, peer).await;
+                send_one(&udp, &response, peer).await;
             });
         }
         Err(_) => {
             let response = servfail(query);
             ctx.tasks.spawn(async move {
-                let _ = udp.send_to(&response, peer).await;
+                send_one(&udp, &response, peer).await;
             });
+        }
+    }
+}
+
+/// One datagram, retried a few times on a full send buffer (see [`SEND_RETRIES`]).
+async fn send_one(udp: &Udp, data: &[u8], peer: SocketAddr) {
+    for _ in 0..SEND_RETRIES {
+        match udp.get_ref().send_to(data, peer) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(SEND_RETRY_PAUSE).await;
+            }
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "dns udp send failed");
+                return;
+            }
+            Ok(_) => return,
         }
     }
 }
@@ -275,16 +327,17 @@ impl UdpBatch {
         }
     }
 
-    /// Take up to `UDP_BATCH` queries off the socket without waiting; how many. `WouldBlock`
-    /// (clearing the socket's readiness) when there were none.
+    /// Take up to `UDP_BATCH` queries off the socket without waiting, into `received`: how
+    /// many when the batch is full, `WouldBlock` (the caller then clears the socket's readiness)
+    /// when it is short, with the queries taken (if any) in `received`.
     ///
-    /// A short batch also clears the readiness: the queue was empty when `recvmmsg` stopped,
+    /// A short batch clears the readiness: the queue was empty when `recvmmsg` stopped,
     /// so the worker waits for the next datagram instead of spending a `recvmmsg` to learn it
     /// (`EAGAIN`) on every wake-up. A datagram arriving meanwhile sets the readiness again
     /// (tokio clears only the readiness it saw). recvmmsg stops early on an error only, and
     /// an unconnected socket without `IP_RECVERR` (this one) gets no ICMP errors.
     #[cfg(target_os = "linux")]
-    fn recv(&mut self, udp: &UdpSocket) -> std::io::Result<usize> {
+    fn recv(&mut self, udp: &std::net::UdpSocket) -> std::io::Result<usize> {
         use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage};
         use std::io::IoSliceMut;
         use std::os::fd::AsRawFd;
@@ -297,55 +350,44 @@ impl UdpBatch {
         let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
         let received = &mut self.received;
         received.clear();
-        let result = udp.try_io(tokio::io::Interest::READABLE, || {
-            let msgs = recvmmsg(
-                fd,
-                &mut headers,
-                iovs.iter_mut(),
-                MsgFlags::MSG_DONTWAIT,
-                None,
-            )?;
-            let mut taken = 0;
-            for msg in msgs {
-                taken += 1;
-                let peer = msg.address.and_then(|a| {
-                    a.as_sockaddr_in()
-                        .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
-                        .or_else(|| {
-                            a.as_sockaddr_in6()
-                                .map(|a| SocketAddr::from(std::net::SocketAddrV6::from(*a)))
-                        })
-                        .filter(|_| a.len() > 0)
-                });
-                // A datagram without a sender address cannot be answered.
-                if let Some(peer) = peer {
-                    let cut = msg.flags.contains(MsgFlags::MSG_TRUNC);
-                    received.push((msg.bytes.min(UDP_QUERY_SLOT), peer, cut));
-                }
+        let msgs = recvmmsg(
+            fd,
+            &mut headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )?;
+        let mut taken = 0;
+        for msg in msgs {
+            taken += 1;
+            let peer = msg.address.and_then(|a| {
+                a.as_sockaddr_in()
+                    .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
+                    .or_else(|| {
+                        a.as_sockaddr_in6()
+                            .map(|a| SocketAddr::from(std::net::SocketAddrV6::from(*a)))
+                    })
+                    .filter(|_| a.len() > 0)
+            });
+            // A datagram without a sender address cannot be answered.
+            if let Some(peer) = peer {
+                let cut = msg.flags.contains(MsgFlags::MSG_TRUNC);
+                received.push((msg.bytes.min(UDP_QUERY_SLOT), peer, cut));
             }
-            if taken < UDP_BATCH {
-                return Err(std::io::ErrorKind::WouldBlock.into());
-            }
-            Ok(received.len())
-        });
-        match result {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !received.is_empty() => {
-                Ok(received.len())
-            }
-            other => other,
         }
+        if taken < UDP_BATCH {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(received.len())
     }
 
     /// Elsewhere: `recv_from` until the socket is empty or the batch full.
     #[cfg(not(target_os = "linux"))]
-    fn recv(&mut self, udp: &UdpSocket) -> std::io::Result<usize> {
+    fn recv(&mut self, udp: &std::net::UdpSocket) -> std::io::Result<usize> {
         self.received.clear();
         for slot in self.input.chunks_exact_mut(UDP_QUERY_SLOT) {
-            match udp.try_recv_from(slot) {
-                Ok((n, peer)) => self.received.push((n, peer, false)),
-                Err(e) if self.received.is_empty() => return Err(e),
-                Err(_) => break,
-            }
+            let (n, peer) = udp.recv_from(slot)?;
+            self.received.push((n, peer, false));
         }
         Ok(self.received.len())
     }
@@ -369,16 +411,23 @@ impl UdpBatch {
     }
 
     /// Send every answer, then empty the batch. A send that fails for one peer (unreachable,
-    /// filtered) skips that answer; a full socket buffer waits for room.
-    async fn send(&mut self, udp: &UdpSocket) {
+    /// filtered) skips that answer; a full socket buffer is retried [`SEND_RETRIES`] times.
+    async fn send(&mut self, udp: &Udp) {
         let mut sent = 0;
+        let mut retries = 0;
         while sent < self.peers.len() {
-            match self.try_send(udp, sent) {
+            match self.try_send(udp.get_ref(), sent) {
                 Ok(n) => sent += n.max(1),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if udp.writable().await.is_err() {
+                    retries += 1;
+                    if retries > SEND_RETRIES {
+                        tracing::debug!(
+                            dropped = self.peers.len() - sent,
+                            "dns udp send buffer full; answers dropped"
+                        );
                         break;
                     }
+                    tokio::time::sleep(SEND_RETRY_PAUSE).await;
                 }
                 Err(e) => {
                     tracing::debug!(peer = %self.peers[sent], error = %e, "dns udp send failed");
@@ -391,7 +440,7 @@ impl UdpBatch {
 
     /// Send answers `from..` with one `sendmmsg`; how many the kernel took.
     #[cfg(target_os = "linux")]
-    fn try_send(&mut self, udp: &UdpSocket, from: usize) -> std::io::Result<usize> {
+    fn try_send(&mut self, udp: &std::net::UdpSocket, from: usize) -> std::io::Result<usize> {
         use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
         use std::io::IoSlice;
         use std::os::fd::AsRawFd;
@@ -407,26 +456,22 @@ impl UdpBatch {
         let iovs: [[IoSlice<'_>; 1]; UDP_BATCH] =
             std::array::from_fn(|_| [IoSlice::new(outs.next().map_or(&[][..], |o| &o[..]))]);
         let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(count, None);
-        let addrs = &self.send_addrs;
-        udp.try_io(tokio::io::Interest::WRITABLE, || {
-            let none: [ControlMessage<'_>; 0] = [];
-            let sent = sendmmsg(
-                fd,
-                &mut headers,
-                &iovs[..count],
-                addrs,
-                none,
-                MsgFlags::empty(),
-            )?;
-            Ok(sent.count())
-        })
+        let none: [ControlMessage<'_>; 0] = [];
+        let sent = sendmmsg(
+            fd,
+            &mut headers,
+            &iovs[..count],
+            &self.send_addrs,
+            none,
+            MsgFlags::empty(),
+        )?;
+        Ok(sent.count())
     }
 
     /// Elsewhere: one `send_to` per answer.
     #[cfg(not(target_os = "linux"))]
-    fn try_send(&mut self, udp: &UdpSocket, from: usize) -> std::io::Result<usize> {
-        udp.try_send_to(&self.out[from], self.peers[from])
-            .map(|_| 1)
+    fn try_send(&mut self, udp: &std::net::UdpSocket, from: usize) -> std::io::Result<usize> {
+        udp.send_to(&self.out[from], self.peers[from]).map(|_| 1)
     }
 }
 
