@@ -150,40 +150,65 @@ impl<F: Future<Output = ()>> Future for Recycle<F> {
 
 /// One stream: the proxy's answer (given up if the client resets the stream), then its body
 /// piped into the stream under HTTP/2 flow control.
-async fn serve_stream(
+#[allow(clippy::manual_async_fn)]
+fn serve_stream(
     conn: Arc<ConnState>,
     req: Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
-) {
-    let content_length = content_length(req.headers());
-    let req = req.map(|recv| RequestBody::H2(H2Body::new(recv, content_length)));
-    let mut answer = pin!(handle(conn, req));
-    let response = poll_fn(|cx| {
-        if let Poll::Ready(Ok(response)) = answer.as_mut().poll(cx) {
+    respond: h2::server::SendResponse<Bytes>,
+) -> impl Future<Output = ()> + Send {
+    // A function returning `async move`: the arguments are stored once, and the proxy's future
+    // lives only inside `Answer` (the stream's box is 2.3 KiB instead of 3.6).
+    async move {
+        let mut respond = respond;
+        let content_length = content_length(req.headers());
+        let req = req.map(|recv| RequestBody::H2(H2Body::new(recv, content_length)));
+        let answer = Answer {
+            answer: handle(conn, req),
+            respond: &mut respond,
+        };
+        let Some(response) = answer.await else { return };
+        let (mut head, body) = response.into_parts();
+        if body.is_end_stream() {
+            let _ = respond.send_response(Response::from_parts(head, ()), true);
+            return;
+        }
+        if let Some(n) = body.size_hint().exact() {
+            if !head.headers.contains_key(header::CONTENT_LENGTH) {
+                head.headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+        match respond.send_response(Response::from_parts(head, ()), false) {
+            Ok(send) => pipe(body, send).await,
+            Err(e) => tracing::debug!(error = %e, "HTTP/2 response not sent"),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The proxy's answer to a stream, or `None` if the client resets the stream first.
+    struct Answer<'a, F> {
+        #[pin]
+        answer: F,
+        respond: &'a mut h2::server::SendResponse<Bytes>,
+    }
+}
+
+impl<F: Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>>> Future
+    for Answer<'_, F>
+{
+    type Output = Option<Response<ProxyBody>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(Ok(response)) = this.answer.poll(cx) {
             return Poll::Ready(Some(response));
         }
         // Waiting: a RST_STREAM from the client cancels the request.
-        match respond.poll_reset(cx) {
+        match this.respond.poll_reset(cx) {
             Poll::Ready(_) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
-    })
-    .await;
-    let Some(response) = response else { return };
-    let (mut head, body) = response.into_parts();
-    if body.is_end_stream() {
-        let _ = respond.send_response(Response::from_parts(head, ()), true);
-        return;
-    }
-    if let Some(n) = body.size_hint().exact() {
-        if !head.headers.contains_key(header::CONTENT_LENGTH) {
-            head.headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-    }
-    match respond.send_response(Response::from_parts(head, ()), false) {
-        Ok(send) => pipe(body, send).await,
-        Err(e) => tracing::debug!(error = %e, "HTTP/2 response not sent"),
     }
 }
 
@@ -322,13 +347,14 @@ impl KeepAlive {
 #[cfg(test)]
 mod size_probe {
     /// A connection keeps up to `SPARE_STREAMS` boxes of this size: the bound keeps that in
-    /// check (release: 3,656 B with the proxy's `handle` at 1,968 B).
+    /// check: 2,296 B in release (2,304 in debug) with the proxy's `handle` at 1,968 B (it was
+    /// 3,656 B as an `async fn` awaiting a `poll_fn` over the pinned `handle`).
     #[test]
     fn stream_future_size() {
         fn size3<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         let n = size3(super::serve_stream);
-        assert!(n <= 4096, "serve_stream future is {n} bytes");
+        assert!(n <= 2400, "serve_stream future is {n} bytes");
     }
 }
