@@ -52,4 +52,5 @@ pub mod provider;
 pub mod proxy;
 pub mod server;
 pub mod stats;
+pub mod stop;
 pub mod table;

@@ -38,8 +38,8 @@ pub struct ListenerContext {
 
 struct OpenListener {
     spec: ListenerSpec,
-    /// Stops the accept loop.
-    stop_accept: CancellationToken,
+    /// Stops the accept loop, and (gracefully) the listener's HTTP connections.
+    stop_accept: crate::stop::Graceful,
     /// Cuts the listener's established connections (drain deadline or shutdown).
     hard_stop: CancellationToken,
     tracker: TaskTracker,
@@ -152,8 +152,8 @@ impl ListenerSet {
     }
 
     async fn bind(&self, spec: &ListenerSpec) -> std::io::Result<OpenListener> {
-        let stop_accept = CancellationToken::new();
         let hard_stop = CancellationToken::new();
+        let stop_accept = crate::stop::Graceful::new(hard_stop.clone());
         let tracker = TaskTracker::new();
         let key = spec.key;
         match key.kind {
@@ -235,7 +235,7 @@ async fn accept_loop(
     owner: String,
     listener: TcpListener,
     ctx: ListenerContext,
-    stop_accept: CancellationToken,
+    stop_accept: crate::stop::Graceful,
     hard_stop: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -316,7 +316,7 @@ fn spawn_connection(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: &ListenerContext,
-    (graceful, hard_stop): (&CancellationToken, &CancellationToken),
+    (graceful, hard_stop): (&crate::stop::Graceful, &CancellationToken),
     tracker: &TaskTracker,
 ) {
     match key.kind {
@@ -346,7 +346,6 @@ fn spawn_connection(
                 stream,
                 peer,
                 graceful.clone(),
-                hard_stop.clone(),
             );
             tracker.spawn(ConnTask::new(serve));
         }

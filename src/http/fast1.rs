@@ -303,7 +303,7 @@ pin_project_lite::pin_project! {
     /// future rather than `timeout_at(poll_fn(..))`: no copy of the deadline beside the timer.
     struct Idle<'a> {
         stream: &'a TcpStream,
-        stop: &'a tokio_util::sync::CancellationToken,
+        stop: &'a crate::stop::Graceful,
         #[pin]
         sleep: tokio::time::Sleep,
     }
@@ -1306,10 +1306,10 @@ mod size_probe {
     /// the header timer), the TLS/hyper alternative's tag, and the stop signal's waiter.
     #[test]
     fn idle_connection_future_is_small() {
-        fn size7<A, B, C, D, E, G, H, F>(_: fn(A, B, C, D, E, G, H) -> F) -> usize {
+        fn size6<A, B, C, D, E, G, F>(_: fn(A, B, C, D, E, G) -> F) -> usize {
             std::mem::size_of::<F>()
         }
-        let n = size7(crate::http::serve_connection);
+        let n = size6(crate::http::serve_connection);
         // The release layout is what runs; a debug build keeps 8 bytes more.
         let bound = if cfg!(debug_assertions) { 280 } else { 272 };
         assert!(n <= bound, "http::serve_connection future is {n} bytes");

@@ -73,6 +73,9 @@ where
     let mut ping = h2.ping_pong().map(KeepAlive::new);
     let shutdown = conn.shutdown.clone();
     let mut cancelled = pin!(shutdown.cancelled());
+    // The wait is polled once to register this task's waker, then only the flag is read (see
+    // `crate::stop`).
+    let mut registered = false;
     let mut stopping = false;
     let mut streams = FuturesUnordered::new();
     // Stream futures are a few KiB, too big for malloc's thread cache: the boxes of finished
@@ -101,11 +104,14 @@ where
                     Poll::Pending => break,
                 }
             }
-            if !stopping && cancelled.as_mut().poll(cx).is_ready() {
-                // GOAWAY; the streams in progress finish, new ones are refused.
-                h2.graceful_shutdown();
-                stopping = true;
-                continue;
+            if !stopping && (!registered || shutdown.is_cancelled()) {
+                registered = true;
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    // GOAWAY; the streams in progress finish, new ones are refused.
+                    h2.graceful_shutdown();
+                    stopping = true;
+                    continue;
+                }
             }
             if let Some(ka) = ping.as_mut() {
                 match ka.poll(cx) {

@@ -43,7 +43,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 pub use self::accesslog::{AccessLog, AccessLogConfig, LogFormat};
 pub use self::error::ProxyError;
@@ -169,7 +168,8 @@ pub(crate) fn lowercase<'b>(s: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> 
 /// current when the connection was accepted; routes are looked up per request in the table
 /// current at that time.
 ///
-/// When `hard_stop` fires (a drain deadline), the connection is dropped where it stands.
+/// When `shutdown`'s hard stop fires (a drain deadline), the connection is dropped where it
+/// stands.
 ///
 /// Not an `async fn`: the connection's state is set up right away and the future returned is
 /// the plain HTTP/1 fast path's own (or a box for TLS and passthrough) inside a [`Connection`].
@@ -181,12 +181,11 @@ pub fn serve_connection(
     entrypoint: Arc<str>,
     stream: TcpStream,
     peer: SocketAddr,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
+    shutdown: crate::stop::Graceful,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio_util::either::Either;
     type Boxed = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-    let stop = (shutdown.clone(), hard_stop);
+    let stop = shutdown.clone();
     let settings = {
         let current = table.load();
         current
@@ -241,28 +240,35 @@ pub fn serve_connection(
 
 pin_project_lite::pin_project! {
     /// One downstream connection's future and its two stop signals. When the graceful one
-    /// (`conn.shutdown`) fires, the connection is polled (the fast path checks the signal only
-    /// then: an idle connection closes, one with a request in flight finishes it) and the hard
-    /// one is armed; when that fires, the connection is dropped.
+    /// fires, the connection is polled (the fast path checks the signal only then: an idle
+    /// connection closes, one with a request in flight finishes it) and the hard one is armed;
+    /// when that fires, the connection is dropped.
     ///
     /// Why here and not a wait inside the connection's own future: that future is what an idle
     /// connection's task holds, and one cancellation wait is 72 bytes; the graceful and the
     /// hard stop share this one slot in turn.
+    ///
+    /// The wait is polled once, on the first poll, to register the task's waker (a task's waker
+    /// stays valid for the life of the task, so it needs no renewal); after that only the
+    /// lock-free flag ([`crate::stop`]) is read until the stop is signalled. Polling the wait
+    /// every time took the token's mutex and the lock of the `Notify` shared by every
+    /// connection of the listener, on every poll.
     struct Connection<F> {
         #[pin]
         fut: F,
+        // `None` until the first poll (the niche of the token inside: no larger than the wait).
         #[pin]
-        stop: tokio_util::sync::WaitForCancellationFutureOwned,
-        hard: Option<CancellationToken>,
+        stop: Option<tokio_util::sync::WaitForCancellationFutureOwned>,
+        signal: crate::stop::Graceful,
     }
 }
 
 impl<F> Connection<F> {
-    fn new(fut: F, (graceful, hard): (CancellationToken, CancellationToken)) -> Self {
+    fn new(fut: F, signal: crate::stop::Graceful) -> Self {
         Connection {
             fut,
-            stop: graceful.cancelled_owned(),
-            hard: Some(hard),
+            stop: None,
+            signal,
         }
     }
 }
@@ -275,13 +281,23 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for Connection<F> 
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
         let mut this = self.project();
-        while this.stop.as_mut().poll(cx).is_ready() {
-            match this.hard.take() {
-                // Graceful stop: arm the hard one (registered by the next turn of this loop),
-                // then poll the connection below so it sees the graceful signal.
-                Some(hard) => this.stop.set(hard.cancelled_owned()),
-                None => return std::task::Poll::Ready(()),
+        if this.stop.is_none() {
+            this.stop
+                .set(Some(this.signal.token().clone().cancelled_owned()));
+        } else if !this.signal.is_cancelled() {
+            return this.fut.poll(cx);
+        }
+        while let Some(stop) = this.stop.as_mut().as_pin_mut() {
+            if stop.poll(cx).is_pending() {
+                break;
             }
+            if this.signal.hard().is_cancelled() {
+                return std::task::Poll::Ready(());
+            }
+            // Graceful stop: arm the hard one (registered by the next turn of this loop),
+            // then poll the connection below so it sees the graceful signal.
+            this.stop
+                .set(Some(this.signal.hard().clone().cancelled_owned()));
         }
         this.fut.poll(cx)
     }

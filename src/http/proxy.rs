@@ -46,7 +46,7 @@ pub(crate) struct ConnState {
     pub forward: ForwardInfo,
     /// Client IP hash for consistent-hash balancing.
     pub hash: u64,
-    pub shutdown: CancellationToken,
+    pub shutdown: crate::stop::Graceful,
 }
 
 impl ConnState {
@@ -335,7 +335,7 @@ fn proxy<'a>(
                                 if let Some(c) = pooled {
                                     c.discard();
                                 }
-                                let shutdown = conn.shutdown.clone();
+                                let shutdown = conn.shutdown.token().clone();
                                 tokio::spawn(tunnel(down, up, in_flight, shutdown));
                                 strip_hop_by_hop(resp.headers_mut(), true);
                                 return Ok(resp.map(|_| ProxyBody::local(Bytes::new())));

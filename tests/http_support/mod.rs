@@ -30,7 +30,7 @@ pub struct Proxy {
     pub table: Arc<ArcSwap<RoutingTable>>,
     pub ctx: Arc<HttpContext>,
     /// Graceful stop: no more accepts; idle connections close, requests in flight finish.
-    pub shutdown: CancellationToken,
+    pub shutdown: meshgate::stop::Graceful,
     /// Hard stop (a drain deadline): every connection is dropped where it stands.
     pub hard_stop: CancellationToken,
     pub stats: Arc<StatsRegistry>,
@@ -64,13 +64,12 @@ impl Proxy {
         let ctx = HttpContext::with_config(config);
         let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
         let hard_stop = CancellationToken::new();
-        let (t, c, s, h, name) = (
+        let shutdown = meshgate::stop::Graceful::new(hard_stop.clone());
+        let (t, c, s, name) = (
             Arc::clone(&table),
             Arc::clone(&ctx),
             shutdown.clone(),
-            hard_stop.clone(),
             Arc::<str>::from(ep),
         );
         tokio::spawn(async move {
@@ -80,7 +79,6 @@ impl Proxy {
                         let Ok((stream, peer)) = r else { continue };
                         tokio::spawn(meshgate::http::serve_connection(
                             Arc::clone(&c), Arc::clone(&t), Arc::clone(&name), stream, peer, s.clone(),
-                            h.clone(),
                         ));
                     }
                     _ = s.cancelled() => return,
