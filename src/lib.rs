@@ -24,15 +24,19 @@
 //! - [`balance`]: endpoint picking (round robin, least-conn, P2C peak-EWMA, Maglev).
 //! - [`proxy`]: TCP (splice) and UDP proxying.
 //! - [`http`]: L7 entrypoints and routers; plain HTTP/1.1 on its own byte-level engine
-//!   ([`http::fast1`]), the rest (HTTP/2, TLS, upgrades) served by hyper; bodyless requests
-//!   from those reach HTTP/1.1 endpoints through meshgate's own client ([`http::h1client`]).
+//!   ([`http::fast1`]), HTTP/2 on its own connection loop over the `h2` crate
+//!   ([`http::h2server`]), the rest (HTTP/1.1 over TLS, upgrades) served by hyper; bodyless
+//!   requests from those reach HTTP/1.1 endpoints through meshgate's own client
+//!   ([`http::h1client`]).
+//! - [`stop`]: the listeners' graceful stop signal, read without a lock on the data path.
 //!
 //! - [`health`]: active health checks (control path), marking endpoints down and up.
 //!
 //! Shared: [`stats`] (per-endpoint atomics that survive table swaps), [`clock`], [`metrics`],
 //! [`admin`] (admin API + Prometheus), [`echo`] (the project's own test backend), [`memtrim`]
 //! (open-connection count; returns freed heap memory after connections close).
-// One exception, allowed where it stands: the FFI call to glibc's `malloc_trim` ([`memtrim`]).
+// Two exceptions, allowed where they stand: the FFI call to glibc's `malloc_trim` ([`memtrim`]),
+// and registering the DNS UDP socket for READABLE only (`AsyncFd::register_with_interest`).
 #![deny(unsafe_code)]
 
 pub mod admin;

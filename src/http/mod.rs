@@ -2,7 +2,8 @@
 //!
 //! Flow of one downstream connection ([`serve_connection`]):
 //! 1. [`server`]: TLS handshake with the SNI certificate store ([`tls`]) on https entrypoints,
-//!    protocol choice (ALPN or the h2 preface), hyper HTTP/1.1 or HTTP/2 server with limits.
+//!    protocol choice (ALPN or the h2 preface), hyper's HTTP/1.1 server or meshgate's own HTTP/2
+//!    loop ([`h2server`]) with limits.
 //!    Plain-text HTTP/1.1 first goes through [`fast1`], meshgate's own byte-level HTTP/1 proxy
 //!    (the hot path: no hyper on either leg), which hands the connection to hyper for anything
 //!    it does not take (HTTP/1.0, upgrades, `Expect`, header rules, sticky cookies, h2c/https
