@@ -14,7 +14,7 @@
 //! bounded by a semaphore so a slow upstream cannot pile up unbounded work. TCP connections get
 //! one task each, bounded the same way, with an idle timeout.
 //!
-//! The UDP socket is registered with the event loop for READABLE only ([`Udp`]): tokio's
+//! The UDP socket is registered with the event loop for READABLE only (`Udp`): tokio's
 //! `UdpSocket` also asks for edge-triggered `EPOLLOUT`, and a UDP socket signals it each time the
 //! kernel frees a sent datagram, so every batch of answers woke the thread once more for nothing
 //! (two `epoll_wait` per batch, `strace`). Answers are sent without waiting; a full send buffer
