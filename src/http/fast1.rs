@@ -1321,10 +1321,7 @@ mod size_probe {
     /// per-thread cache (tcache) instead of its bins.
     #[test]
     fn request_future_fits_malloc_thread_cache() {
-        fn size3<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
-            std::mem::size_of::<F>()
-        }
-        let n = size3(super::one_request);
+        let n = crate::http::future_size3(super::one_request);
         assert!(n <= 1024, "fast1::one_request future is {n} bytes");
     }
 }

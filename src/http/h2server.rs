@@ -18,7 +18,7 @@
 //! (every 60 s; no answer within 20 s closes the connection).
 
 use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -71,11 +71,6 @@ where
         }
     };
     let mut ping = h2.ping_pong().map(KeepAlive::new);
-    let shutdown = conn.shutdown.clone();
-    let mut cancelled = pin!(shutdown.cancelled());
-    // The wait is polled once to register this task's waker, then only the flag is read (see
-    // `crate::stop`).
-    let mut registered = false;
     let mut stopping = false;
     let mut streams = FuturesUnordered::new();
     // Stream futures are a few KiB, too big for malloc's thread cache: the boxes of finished
@@ -100,22 +95,23 @@ where
                     }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                     // Closed, or drained after a GOAWAY: every stream has ended.
-                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Ready(None) => return Poll::Ready(Ok(Ended::Closed)),
                     Poll::Pending => break,
                 }
             }
-            if !stopping && (!registered || shutdown.is_cancelled()) {
-                registered = true;
-                if cancelled.as_mut().poll(cx).is_ready() {
-                    // GOAWAY; the streams in progress finish, new ones are refused.
-                    h2.graceful_shutdown();
-                    stopping = true;
-                    continue;
-                }
+            // The connection's wrapper (`http::serve_connection`) waits for the graceful stop
+            // and polls this task when it comes; here the flag is enough.
+            if !stopping && conn.shutdown.is_cancelled() {
+                // GOAWAY; the streams in progress finish, new ones are refused.
+                h2.graceful_shutdown();
+                stopping = true;
+                continue;
             }
             if let Some(ka) = ping.as_mut() {
                 match ka.poll(cx) {
-                    Poll::Ready(KeepAliveEvent::Dead) => return Poll::Ready(Ok(())),
+                    Poll::Ready(KeepAliveEvent::Dead) => {
+                        return Poll::Ready(Ok(Ended::PingUnanswered))
+                    }
                     Poll::Ready(KeepAliveEvent::Sent) => continue,
                     Poll::Pending => {}
                 }
@@ -127,14 +123,20 @@ where
     })
     .await;
     match result {
-        Ok(()) if ping.as_ref().is_some_and(|ka| ka.dead) => {
+        Ok(Ended::PingUnanswered) => {
             tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, "HTTP/2 keep-alive ping not answered; connection closed");
         }
-        Ok(()) => {}
+        Ok(Ended::Closed) => {}
         Err(e) => {
             tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, error = %e, "HTTP/2 connection error");
         }
     }
+}
+
+/// How a connection ended without an error.
+enum Ended {
+    Closed,
+    PingUnanswered,
 }
 
 /// A stream future in a reusable box: done, it empties the box and hands it back.
@@ -145,9 +147,10 @@ impl<F: Future<Output = ()>> Future for Recycle<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let slot = self.0.as_mut().expect("polled after completion");
-        let Some(fut) = slot.as_mut().as_pin_mut() else {
-            return Poll::Ready(self.0.take().expect("slot present"));
-        };
+        let fut = slot
+            .as_mut()
+            .as_pin_mut()
+            .expect("a pushed box holds a stream");
         std::task::ready!(fut.poll(cx));
         slot.set(None);
         Poll::Ready(self.0.take().expect("slot present"))
@@ -232,17 +235,17 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 /// (gRPC), and a reset from the client stops it.
 async fn pipe(mut body: ProxyBody, mut send: h2::SendStream<Bytes>) {
     let mut pending: Option<(Bytes, bool)> = None;
-    let result = poll_fn(|cx| -> Poll<Result<(), ()>> {
+    poll_fn(|cx| -> Poll<()> {
         loop {
             if let Poll::Ready(reason) = send.poll_reset(cx) {
                 tracing::debug!(reason = ?reason, "HTTP/2 stream reset by the client");
-                return Poll::Ready(Err(()));
+                return Poll::Ready(());
             }
             if let Some((data, end)) = pending.take() {
                 while send.capacity() == 0 {
                     match send.poll_capacity(cx) {
                         Poll::Ready(Some(Ok(_))) => {}
-                        Poll::Ready(_) => return Poll::Ready(Err(())),
+                        Poll::Ready(_) => return Poll::Ready(()),
                         Poll::Pending => {
                             pending = Some((data, end));
                             return Poll::Pending;
@@ -250,10 +253,10 @@ async fn pipe(mut body: ProxyBody, mut send: h2::SendStream<Bytes>) {
                     }
                 }
                 if send.send_data(data, end).is_err() {
-                    return Poll::Ready(Err(()));
+                    return Poll::Ready(());
                 }
                 if end {
-                    return Poll::Ready(Ok(()));
+                    return Poll::Ready(());
                 }
                 continue;
             }
@@ -265,7 +268,7 @@ async fn pipe(mut body: ProxyBody, mut send: h2::SendStream<Bytes>) {
                         let end = body.is_end_stream();
                         if data.is_empty() {
                             if send.send_data(data, end).is_err() || end {
-                                return Poll::Ready(Ok(()));
+                                return Poll::Ready(());
                             }
                             continue;
                         }
@@ -276,24 +279,23 @@ async fn pipe(mut body: ProxyBody, mut send: h2::SendStream<Bytes>) {
                         if let Ok(trailers) = frame.into_trailers() {
                             send.reserve_capacity(0);
                             let _ = send.send_trailers(trailers);
-                            return Poll::Ready(Ok(()));
+                            return Poll::Ready(());
                         }
                     }
                 },
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "response body failed; stream reset");
                     send.send_reset(h2::Reason::INTERNAL_ERROR);
-                    return Poll::Ready(Err(()));
+                    return Poll::Ready(());
                 }
                 None => {
                     let _ = send.send_data(Bytes::new(), true);
-                    return Poll::Ready(Ok(()));
+                    return Poll::Ready(());
                 }
             }
         }
     })
-    .await;
-    let _ = result;
+    .await
 }
 
 /// Keep-alive pings: one every [`PING_INTERVAL`]; a ping not answered within [`PING_TIMEOUT`]
@@ -302,7 +304,6 @@ struct KeepAlive {
     ping: h2::PingPong,
     timer: Pin<Box<Sleep>>,
     waiting: bool,
-    dead: bool,
 }
 
 enum KeepAliveEvent {
@@ -318,7 +319,6 @@ impl KeepAlive {
             ping,
             timer: Box::pin(tokio::time::sleep(PING_INTERVAL)),
             waiting: false,
-            dead: false,
         }
     }
 
@@ -327,7 +327,6 @@ impl KeepAlive {
             if let Poll::Ready(result) = self.ping.poll_pong(cx) {
                 self.waiting = false;
                 if result.is_err() {
-                    self.dead = true;
                     return Poll::Ready(KeepAliveEvent::Dead);
                 }
                 self.timer.as_mut().reset(Instant::now() + PING_INTERVAL);
@@ -336,12 +335,7 @@ impl KeepAlive {
         if self.timer.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        if self.waiting {
-            self.dead = true;
-            return Poll::Ready(KeepAliveEvent::Dead);
-        }
-        if self.ping.send_ping(h2::Ping::opaque()).is_err() {
-            self.dead = true;
+        if self.waiting || self.ping.send_ping(h2::Ping::opaque()).is_err() {
             return Poll::Ready(KeepAliveEvent::Dead);
         }
         self.waiting = true;
@@ -357,10 +351,7 @@ mod size_probe {
     /// 3,656 B as an `async fn` awaiting a `poll_fn` over the pinned `handle`).
     #[test]
     fn stream_future_size() {
-        fn size3<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
-            std::mem::size_of::<F>()
-        }
-        let n = size3(super::serve_stream);
+        let n = crate::http::future_size3(super::serve_stream);
         assert!(n <= 2400, "serve_stream future is {n} bytes");
     }
 }

@@ -59,6 +59,12 @@ pub(crate) fn future_size<A, B, F>(_: fn(A, B) -> F) -> usize {
     std::mem::size_of::<F>()
 }
 
+/// The same for three arguments (a request's or an HTTP/2 stream's future).
+#[cfg(test)]
+pub(crate) fn future_size3<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+    std::mem::size_of::<F>()
+}
+
 /// How often certificate files are checked for changes by default.
 pub const DEFAULT_CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
