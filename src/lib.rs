@@ -58,3 +58,4 @@ pub mod server;
 pub mod stats;
 pub mod stop;
 pub mod table;
+pub mod udpio;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub udp_flows_dropped: Counter,
     /// UDP flows currently open.
     pub udp_flows: Gauge,
+    /// UDP datagrams dropped because a socket's send buffer was full (either direction).
+    pub udp_send_dropped: Counter,
     /// Connections closed by the idle timeout.
     pub idle_closed: Counter,
 }
@@ -96,6 +98,11 @@ impl Metrics {
             m.udp_flows_dropped.clone(),
         );
         r.register("udp_flows", "Open UDP flows", m.udp_flows.clone());
+        r.register(
+            "udp_send_dropped",
+            "UDP datagrams dropped: socket send buffer full",
+            m.udp_send_dropped.clone(),
+        );
         r.register(
             "idle_closed",
             "Connections closed by the idle timeout",

@@ -320,6 +320,92 @@ async fn udp_round_trip_and_flow_bound() {
     assert_eq!(&buf[..n], b"y");
 }
 
+/// Bursts through the UDP proxy: datagrams sent back to back (taken off the sockets in batches)
+/// come back whole, to the right client, in order; the largest IPv4 datagram too.
+#[tokio::test]
+async fn udp_bursts_keep_order_size_and_client() {
+    let echo = Backend::udp_echo().await;
+    let port = free_udp_port();
+    let body = format!(
+        "services:\n  u:\n    ports: [\"{port}/udp\"]\n    endpoints: [\"{}\"]\n",
+        echo.addr
+    );
+    let mg = Meshgate::start(&body).await;
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(addr(port)).await.unwrap();
+        clients.push(c);
+    }
+    // The first datagram of each client opens its flow; wait for its echo.
+    let mut buf = vec![0u8; 70_000];
+    for c in &clients {
+        c.send(b"hello").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), c.recv(&mut buf))
+            .await
+            .expect("first echo")
+            .unwrap();
+        assert_eq!(&buf[..n], b"hello");
+    }
+    // The largest IPv4 datagram, then small ones right behind it (its own burst: a socket's
+    // default receive buffer holds about one datagram that large).
+    for (k, c) in clients.iter().enumerate() {
+        let big = vec![k as u8 + 1; 65_507];
+        c.send(&big).await.unwrap();
+        for i in 0..5u8 {
+            c.send(&[k as u8, i]).await.unwrap();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(2), c.recv(&mut buf))
+            .await
+            .expect("large echo")
+            .unwrap();
+        assert!(
+            n == big.len() && buf[..n] == big[..],
+            "client {k}: 65,507 bytes whole"
+        );
+        for i in 0..5u8 {
+            let n = tokio::time::timeout(Duration::from_secs(2), c.recv(&mut buf))
+                .await
+                .expect("echo after the large one")
+                .unwrap();
+            assert_eq!(
+                &buf[..n],
+                &[k as u8, i],
+                "client {k}: in order after the large one"
+            );
+        }
+    }
+    // Bursts of both clients interleaved (more than one batch), sent without waiting for replies.
+    let payload = |client: usize, wave: usize, i: usize| -> Vec<u8> {
+        let mut p = vec![(client * 100 + i) as u8; 4 + (i * 131 + wave * 17) % 1_400];
+        p[..4].copy_from_slice(&(wave as u32 * 1000 + i as u32).to_be_bytes());
+        p
+    };
+    for wave in 0..4 {
+        for i in 0..24 {
+            for (k, c) in clients.iter().enumerate() {
+                c.send(&payload(k, wave, i)).await.unwrap();
+            }
+        }
+        for (k, c) in clients.iter().enumerate() {
+            for i in 0..24 {
+                let n = tokio::time::timeout(Duration::from_secs(2), c.recv(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("client {k} wave {wave}: reply {i} missing"))
+                    .unwrap();
+                let want = payload(k, wave, i);
+                assert_eq!(n, want.len(), "client {k} wave {wave} datagram {i}: length");
+                assert!(
+                    buf[..n] == want[..],
+                    "client {k} wave {wave} datagram {i}: bytes"
+                );
+            }
+        }
+    }
+    assert_eq!(mg.metric("meshgate_udp_flows").await, 2.0);
+    assert_eq!(mg.metric("meshgate_udp_send_dropped_total").await, 0.0);
+}
+
 #[tokio::test]
 async fn half_close_both_directions() {
     let echo = Backend::tcp_echo().await;

@@ -10,7 +10,7 @@
 # - Interleaved rounds (A B C A B C ...), medians, ratios to HAProxy and to direct.
 #
 # Usage: benches/load/run.sh [--quick|--full] [--rounds N] [--duration S]
-#                            [--only http,close,h2,tls,l4,dns,mem] [--out FILE] [--keep]
+#                            [--only http,close,h2,tls,l4,udp,dns,mem] [--out FILE] [--keep]
 #                            [--wait-quiet SECONDS]  (wait, bounded, for load average < 1.0)
 set -u -o pipefail
 
@@ -21,7 +21,7 @@ BIN=${MESHGATE_BIN_DIR:-$REPO/target/release}
 MODE=quick
 ROUNDS=
 DURATION=
-ONLY=http,close,h2,tls,l4,dns,mem
+ONLY=http,close,h2,tls,l4,udp,dns,mem
 OUT=
 KEEP=0
 WAIT_QUIET=0               # seconds to wait (at most) for the 1-minute load average to drop below 1.0
@@ -76,6 +76,12 @@ for b in meshgate meshgate-echo; do
     exit 3
   fi
 done
+# nginx's stream module (UDP scenario); Debian ships it as a separate package
+NGINX_STREAM=/usr/lib/nginx/modules/ngx_stream_module.so
+if want udp && [ ! -f "$NGINX_STREAM" ]; then
+  echo "no $NGINX_STREAM: apt-get install -y libnginx-mod-stream (or leave 'udp' out of --only)" >&2
+  exit 3
+fi
 if [ "$(nproc)" -lt 2 ]; then echo "needs 2 CPUs (load generator and proxy pinned apart)" >&2; exit 3; fi
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null
@@ -167,6 +173,7 @@ H_HTTP=$((P+201)); H_HTTPS=$((P+202)); H_L4HTTP=$((P+203)); H_L4IPERF=$((P+204))
 N_HTTP=$((P+301)); N_HTTPS=$((P+302))
 C_HTTP=$((P+401)); C_HTTPS=$((P+402))
 D_MESH=$((P+501)); D_KNOT=$((P+502)); D_NSD=$((P+503)); D_DNSMASQ=$((P+504))
+U_KNOT=$((P+511)); U_MESH=$((P+512)); U_NGINX=$((P+513))
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
@@ -460,6 +467,41 @@ sc_l4() {
   stop_group
 }
 
+# The DNS zone both DNS scenarios serve (n names), as a zone file and as dnsperf's queries.
+dns_zone() { # n
+  local n=$1 i
+  {
+    echo "\$ORIGIN meshgate."
+    echo "\$TTL 5"
+    echo "@ SOA ns.meshgate. hostmaster.meshgate. 1 3600 600 86400 5"
+    echo "@ NS ns.meshgate."
+    echo "ns A 127.0.0.1"
+    for i in $(seq 0 $((n - 1))); do echo "s$i A 127.1.$((i / 250)).$((i % 250 + 1))"; done
+  } >"$TMP/meshgate.zone"
+  for i in $(seq 0 $((n - 1))); do echo "s$i.meshgate A"; done >"$TMP/queries.txt"
+}
+knot_conf() { # port dir: a one-worker knot serving $TMP/meshgate.zone
+  mkdir -p "$2"
+  cat >"$2/knot.conf" <<EOF
+server:
+  listen: 127.0.0.1@$1
+  rundir: $2
+  udp-workers: 1
+  tcp-workers: 1
+  background-workers: 1
+database:
+  storage: $2
+log:
+  - target: stderr
+    any: warning
+zone:
+  - domain: meshgate.
+    file: $TMP/meshgate.zone
+    zonefile-sync: -1
+    journal-content: none
+EOF
+}
+
 sc_dns() {
   local n=1000 i
   mkdir -p "$TMP/knot" "$TMP/nsd"
@@ -473,34 +515,9 @@ sc_dns() {
     echo "log: {level: warn}"
     echo "providers: {file: {watch: false}}"
   } >"$TMP/meshgate-dns.yaml"
-  {
-    echo "\$ORIGIN meshgate."
-    echo "\$TTL 5"
-    echo "@ SOA ns.meshgate. hostmaster.meshgate. 1 3600 600 86400 5"
-    echo "@ NS ns.meshgate."
-    echo "ns A 127.0.0.1"
-    for i in $(seq 0 $((n - 1))); do echo "s$i A 127.1.$((i / 250)).$((i % 250 + 1))"; done
-  } >"$TMP/meshgate.zone"
+  dns_zone "$n"
   for i in $(seq 0 $((n - 1))); do echo "127.1.$((i / 250)).$((i % 250 + 1)) s$i.meshgate"; done >"$TMP/dnsmasq.hosts"
-  for i in $(seq 0 $((n - 1))); do echo "s$i.meshgate A"; done >"$TMP/queries.txt"
-  cat >"$TMP/knot/knot.conf" <<EOF
-server:
-  listen: 127.0.0.1@$D_KNOT
-  rundir: $TMP/knot
-  udp-workers: 1
-  tcp-workers: 1
-  background-workers: 1
-database:
-  storage: $TMP/knot
-log:
-  - target: stderr
-    any: warning
-zone:
-  - domain: meshgate.
-    file: $TMP/meshgate.zone
-    zonefile-sync: -1
-    journal-content: none
-EOF
+  knot_conf "$D_KNOT" "$TMP/knot"
   cat >"$TMP/nsd/nsd.conf" <<EOF
 server:
   ip-address: 127.0.0.1@$D_NSD
@@ -568,6 +585,56 @@ EOF
   stop_group
 }
 
+sc_udp() {
+  # L4 UDP: dnsperf through each proxy to one knot (the backend), against knot direct. dnsperf's
+  # 4 sockets are 4 client flows; each proxy keeps a flow's upstream socket between datagrams
+  # (nginx: a UDP session per client address, 30 s, as meshgate's flow idle timeout).
+  dns_zone 1000
+  knot_conf "$U_KNOT" "$TMP/uknot"
+  mkdir -p "$TMP/nginx-udp"
+  cat >"$TMP/nginx-udp/nginx.conf" <<EOF
+load_module $NGINX_STREAM;
+master_process off; daemon off; worker_processes 1; pid $TMP/nginx-udp/nginx.pid;
+worker_rlimit_nofile $NOFILE;
+error_log $TMP/nginx-udp/error.log warn;
+events { worker_connections $((NOFILE - 100)); }
+stream {
+  upstream dns { server 127.0.0.1:$U_KNOT; }
+  server { listen 127.0.0.1:$U_NGINX udp; proxy_pass dns; proxy_timeout 30s; }
+}
+EOF
+  cat >"$TMP/meshgate-udp.yaml" <<EOF
+log: {level: warn}
+admin: {enabled: false}
+providers: {file: {watch: false}}
+services:
+  dns:
+    ports: ["127.0.0.1:$U_MESH:53/udp"]
+    endpoints: ["127.0.0.1:$U_KNOT"]
+EOF
+  start udp-knot knotd -c "$TMP/uknot/knot.conf"
+  start meshgate env TOKIO_WORKER_THREADS=1 "$BIN/meshgate" run --config "$TMP/meshgate-udp.yaml"
+  start nginx nginx -p "$TMP/nginx-udp" -c "$TMP/nginx-udp/nginx.conf" -e "$TMP/nginx-udp/error.log"
+  sleep 2
+  check_alive udp-knot meshgate nginx || exit 1
+  local r t port c0 c1 out qps lost cpu
+  for r in $(seq "$ROUNDS"); do
+    for t in direct meshgate nginx; do
+      case $t in direct) port=$U_KNOT ;; meshgate) port=$U_MESH ;; nginx) port=$U_NGINX ;; esac
+      c0=$( [ $t != direct ] && cpu_ticks "${PID_OF[$t]}" || echo 0)
+      out=$(load dnsperf -s 127.0.0.1 -p "$port" -d "$TMP/queries.txt" -l "$DURATION" -c 4 -T 1 -q 200 2>&1)
+      c1=$( [ $t != direct ] && cpu_ticks "${PID_OF[$t]}" || echo 0)
+      qps=$(sed -n 's/^ *Queries per second: *\([0-9.]*\).*/\1/p' <<<"$out")
+      lost=$(sed -n 's/^ *Queries lost: *\([0-9]*\).*/\1/p' <<<"$out")
+      qps=${qps:-0}
+      cpu=$(python3 -c "q=$qps*$DURATION; print(round(($c1-$c0)*10000/q,2) if q>0 else 0)")
+      record udp "$t" "$r" "$qps" 0 "$cpu lost=${lost:-?}"
+      note "udp $t round $r: $qps qps proxy cpu/query ${cpu}us lost=${lost:-?}"
+    done
+  done
+  stop_group
+}
+
 sc_mem() {
   # Fresh processes: RSS before / with N idle connections / after they closed.
   local t port mode out
@@ -602,6 +669,7 @@ if want http || want close; then sc_http; fi
 if want h2 || want tls; then sc_tls; fi
 if want l4; then sc_l4; fi
 if want dns; then sc_dns; fi
+if want udp; then sc_udp; fi
 if want mem; then sc_mem; fi
 
 # ---------------------------------------------------------------- table
@@ -617,11 +685,11 @@ data = collections.OrderedDict()
 for sc, tg, rnd, val, p99, extra in rows:
     data.setdefault(sc, collections.OrderedDict()).setdefault(tg, []).append((float(val), float(p99), extra))
 units = {"http-ka": "req/s", "http-close": "req/s", "h2-tls": "req/s", "tls-handshake": "hs/s",
-         "l4-rr": "req/s", "l4-bulk-1": "Gbit/s", "l4-bulk-4": "Gbit/s", "dns": "qps", "dns-rate": "qps",
+         "l4-rr": "req/s", "l4-bulk-1": "Gbit/s", "l4-bulk-4": "Gbit/s", "dns": "qps", "dns-rate": "qps", "udp": "qps",
          "mem-http": "B/conn", "mem-tcp": "B/conn"}
 extra_name = {"tls-handshake": "proxy CPU µs/handshake", "l4-bulk-1": "proxy CPU %",
               "l4-bulk-4": "proxy CPU %", "dns": "server CPU µs/query",
-              "dns-rate": "server CPU µs/query", "mem-http": "RSS",
+              "dns-rate": "server CPU µs/query", "udp": "proxy CPU µs/query", "mem-http": "RSS",
               "mem-tcp": "RSS"}
 print("| scenario | target | median | unit | p99 ms | %s | vs haproxy | vs direct | rounds |" % "extra")
 print("|---|---|---:|---|---:|---|---:|---:|---|")
@@ -641,7 +709,8 @@ for sc, tgs in data.items():
             exs += " " + tail
         if sc.startswith("mem"):
             exs = vs[0][2]
-        rh = ("%.2f" % (m / med["haproxy"])) if med.get("haproxy") else ""
+        rh = ("%.2f" % (m / med["haproxy"])) if med.get("haproxy") else (
+            ("%.2f (nginx)" % (m / med["nginx"])) if med.get("nginx") else "")
         rd = ("%.2f" % (m / med["direct"])) if med.get("direct") else ""
         print("| %s | %s | %.6g | %s | %s | %s | %s | %s | %s |" % (sc, t, m, units.get(sc, ""),
               ("%.2f" % p99) if p99 else "", exs, rh, rd, ",".join("%.6g" % v[0] for v in vs)))

@@ -14,20 +14,18 @@
 //! bounded by a semaphore so a slow upstream cannot pile up unbounded work. TCP connections get
 //! one task each, bounded the same way, with an idle timeout.
 //!
-//! The UDP socket is registered with the event loop for READABLE only (`Udp`): tokio's
-//! `UdpSocket` also asks for edge-triggered `EPOLLOUT`, and a UDP socket signals it each time the
-//! kernel frees a sent datagram, so every batch of answers woke the thread once more for nothing
-//! (two `epoll_wait` per batch, `strace`). Answers are sent without waiting; a full send buffer
+//! The UDP socket is registered with the event loop for READABLE only, and batches go through
+//! [`crate::udpio`] (which says why). Answers are sent without waiting; a full send buffer
 //! (rare: a UDP send buffer drains as datagrams are delivered) is retried a few times, a
 //! millisecond apart, and then those answers are dropped, as the network would.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -38,6 +36,7 @@ use super::forward::Forwarder;
 use super::records::{Outcome, Transport};
 use super::{wire, DnsConfig, DnsError};
 use crate::table::RoutingTable;
+use crate::udpio::{send_batch, RecvBatch, SockaddrStorage};
 
 /// Forwarded queries in flight at once; beyond this, SERVFAIL at once (an upstream outage must
 /// not turn into unbounded tasks and sockets).
@@ -48,19 +47,12 @@ const MAX_TCP: usize = 512;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// The UDP socket, in the event loop for READABLE only (see the module doc).
-type Udp = AsyncFd<std::net::UdpSocket>;
+type Udp = crate::udpio::ReadOnlyUdp;
+use crate::udpio::read_only;
 
 /// Full send buffer: retries of a batch's remaining answers, this far apart, before dropping them.
 const SEND_RETRIES: u32 = 10;
 const SEND_RETRY_PAUSE: Duration = Duration::from_millis(1);
-
-/// Register `udp` with the event loop for READABLE only.
-#[allow(unsafe_code)]
-fn read_only(udp: std::net::UdpSocket) -> std::io::Result<Udp> {
-    // SAFETY: the `UdpSocket` owns its descriptor: it stays open, and the same, until the
-    // `AsyncFd` (which owns the socket and is never given another) drops it.
-    unsafe { AsyncFd::register_with_interest(udp, Interest::READABLE) }.map_err(|e| e.into())
-}
 
 /// Sockets bound, not yet serving (lets callers learn the port before queries start).
 #[derive(Debug)]
@@ -228,9 +220,9 @@ async fn udp_worker(ctx: Arc<Context>, udp: Arc<Udp>) {
             },
         };
         // A short batch says `WouldBlock`, and `try_io` then clears the readiness.
-        match ready.try_io(|udp| batch.recv(udp.get_ref())) {
+        match ready.try_io(|udp| batch.input.recv(udp.get_ref())) {
             Ok(Ok(_)) => {}
-            Err(_) if !batch.received.is_empty() => {}
+            Err(_) if !batch.input.is_empty() => {}
             Err(_) => continue,
             Ok(Err(e)) => {
                 // ICMP errors surface here (ECONNREFUSED from an earlier send): keep going.
@@ -303,109 +295,40 @@ async fn send_one(udp: &Udp, data: &[u8], peer: SocketAddr) {
 /// worker allocates nothing per query.
 struct UdpBatch {
     /// `UDP_BATCH` receive slots of `UDP_QUERY_SLOT` bytes.
-    input: Box<[u8]>,
-    /// Per received query: length, sender, and whether it was cut short.
-    received: Vec<(usize, SocketAddr, bool)>,
+    input: RecvBatch,
     /// Answer buffers; the first `peers.len()` are waiting to be sent.
     out: Vec<Vec<u8>>,
-    peers: Vec<SocketAddr>,
-    #[cfg(target_os = "linux")]
-    send_addrs: Vec<Option<nix::sys::socket::SockaddrStorage>>,
+    peers: Vec<SockaddrStorage>,
+    send_addrs: Vec<Option<SockaddrStorage>>,
 }
 
 impl UdpBatch {
     fn new() -> Self {
         UdpBatch {
-            input: vec![0; UDP_BATCH * UDP_QUERY_SLOT].into_boxed_slice(),
-            received: Vec::with_capacity(UDP_BATCH),
+            input: RecvBatch::new(UDP_BATCH, UDP_QUERY_SLOT),
             out: (0..UDP_BATCH)
                 .map(|_| Vec::with_capacity(wire::UDP_EDNS_MAX))
                 .collect(),
             peers: Vec::with_capacity(UDP_BATCH),
-            #[cfg(target_os = "linux")]
             send_addrs: Vec::with_capacity(UDP_BATCH),
         }
     }
 
-    /// Take up to `UDP_BATCH` queries off the socket without waiting, into `received`: how
-    /// many when the batch is full, `WouldBlock` (the caller then clears the socket's readiness)
-    /// when it is short, with the queries taken (if any) in `received`.
-    ///
-    /// A short batch clears the readiness: the queue was empty when `recvmmsg` stopped,
-    /// so the worker waits for the next datagram instead of spending a `recvmmsg` to learn it
-    /// (`EAGAIN`) on every wake-up. A datagram arriving meanwhile sets the readiness again
-    /// (tokio clears only the readiness it saw). recvmmsg stops early on an error only, and
-    /// an unconnected socket without `IP_RECVERR` (this one) gets no ICMP errors.
-    #[cfg(target_os = "linux")]
-    fn recv(&mut self, udp: &std::net::UdpSocket) -> std::io::Result<usize> {
-        use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage};
-        use std::io::IoSliceMut;
-        use std::os::fd::AsRawFd;
-        let fd = udp.as_raw_fd();
-        let mut slots = self.input.chunks_exact_mut(UDP_QUERY_SLOT);
-        let mut iovs: [[IoSliceMut<'_>; 1]; UDP_BATCH] =
-            std::array::from_fn(|_| [IoSliceMut::new(slots.next().expect("UDP_BATCH slots"))]);
-        // Made per call: nix's headers hold raw pointers, so they are not `Send` and cannot
-        // live in the worker's future across an `.await` (two small allocations per batch).
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
-        let received = &mut self.received;
-        received.clear();
-        let msgs = recvmmsg(
-            fd,
-            &mut headers,
-            iovs.iter_mut(),
-            MsgFlags::MSG_DONTWAIT,
-            None,
-        )?;
-        let mut taken = 0;
-        for msg in msgs {
-            taken += 1;
-            let peer = msg.address.and_then(|a| {
-                a.as_sockaddr_in()
-                    .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
-                    .or_else(|| {
-                        a.as_sockaddr_in6()
-                            .map(|a| SocketAddr::from(std::net::SocketAddrV6::from(*a)))
-                    })
-                    .filter(|_| a.len() > 0)
-            });
-            // A datagram without a sender address cannot be answered.
-            if let Some(peer) = peer {
-                let cut = msg.flags.contains(MsgFlags::MSG_TRUNC);
-                received.push((msg.bytes.min(UDP_QUERY_SLOT), peer, cut));
-            }
-        }
-        if taken < UDP_BATCH {
-            return Err(std::io::ErrorKind::WouldBlock.into());
-        }
-        Ok(received.len())
-    }
-
-    /// Elsewhere: `recv_from` until the socket is empty or the batch full.
-    #[cfg(not(target_os = "linux"))]
-    fn recv(&mut self, udp: &std::net::UdpSocket) -> std::io::Result<usize> {
-        self.received.clear();
-        for slot in self.input.chunks_exact_mut(UDP_QUERY_SLOT) {
-            let (n, peer) = udp.recv_from(slot)?;
-            self.received.push((n, peer, false));
-        }
-        Ok(self.received.len())
-    }
-
     /// Answer the queries received: `respond(query, peer, out)` writes an answer into `out` and
-    /// says whether to send it.
+    /// says whether to send it. A query without a sender address gets no answer.
     fn answer(&mut self, mut respond: impl FnMut(&[u8], SocketAddr, &mut Vec<u8>) -> bool) {
-        for (i, &(n, peer, cut)) in self.received.iter().enumerate() {
-            let query = &self.input[i * UDP_QUERY_SLOT..i * UDP_QUERY_SLOT + n];
+        for i in 0..self.input.len() {
+            let (query, got) = self.input.get(i);
+            let Some(peer) = got.peer else { continue };
             let out = &mut self.out[self.peers.len()];
-            let send = if cut {
+            let send = if got.truncated {
                 wire::error_response(out, query, None, wire::RCODE_FORMERR, false);
                 true
             } else {
                 respond(query, peer, out)
             };
             if send {
-                self.peers.push(peer);
+                self.peers.push(SockaddrStorage::from(peer));
             }
         }
     }
@@ -413,10 +336,16 @@ impl UdpBatch {
     /// Send every answer, then empty the batch. A send that fails for one peer (unreachable,
     /// filtered) skips that answer; a full socket buffer is retried [`SEND_RETRIES`] times.
     async fn send(&mut self, udp: &Udp) {
+        self.send_addrs.clear();
+        self.send_addrs.extend(self.peers.iter().map(|p| Some(*p)));
         let mut sent = 0;
         let mut retries = 0;
         while sent < self.peers.len() {
-            match self.try_send(udp.get_ref(), sent) {
+            let mut outs = self.out[sent..self.peers.len()].iter();
+            let iovs: [[IoSlice<'_>; 1]; UDP_BATCH] =
+                std::array::from_fn(|_| [IoSlice::new(outs.next().map_or(&[][..], |o| &o[..]))]);
+            let count = self.peers.len() - sent;
+            match send_batch(udp.as_raw_fd(), &iovs[..count], &self.send_addrs[sent..]) {
                 Ok(n) => sent += n.max(1),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     retries += 1;
@@ -430,48 +359,12 @@ impl UdpBatch {
                     tokio::time::sleep(SEND_RETRY_PAUSE).await;
                 }
                 Err(e) => {
-                    tracing::debug!(peer = %self.peers[sent], error = %e, "dns udp send failed");
+                    tracing::debug!(error = %e, "dns udp send failed");
                     sent += 1;
                 }
             }
         }
         self.peers.clear();
-    }
-
-    /// Send answers `from..` with one `sendmmsg`; how many the kernel took.
-    #[cfg(target_os = "linux")]
-    fn try_send(&mut self, udp: &std::net::UdpSocket, from: usize) -> std::io::Result<usize> {
-        use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
-        use std::io::IoSlice;
-        use std::os::fd::AsRawFd;
-        let fd = udp.as_raw_fd();
-        let count = self.peers.len() - from;
-        self.send_addrs.clear();
-        self.send_addrs.extend(
-            self.peers[from..]
-                .iter()
-                .map(|p| Some(SockaddrStorage::from(*p))),
-        );
-        let mut outs = self.out[from..].iter();
-        let iovs: [[IoSlice<'_>; 1]; UDP_BATCH] =
-            std::array::from_fn(|_| [IoSlice::new(outs.next().map_or(&[][..], |o| &o[..]))]);
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(count, None);
-        let none: [ControlMessage<'_>; 0] = [];
-        let sent = sendmmsg(
-            fd,
-            &mut headers,
-            &iovs[..count],
-            &self.send_addrs,
-            none,
-            MsgFlags::empty(),
-        )?;
-        Ok(sent.count())
-    }
-
-    /// Elsewhere: one `send_to` per answer.
-    #[cfg(not(target_os = "linux"))]
-    fn try_send(&mut self, udp: &std::net::UdpSocket, from: usize) -> std::io::Result<usize> {
-        udp.send_to(&self.out[from], self.peers[from]).map(|_| 1)
     }
 }
 

@@ -134,7 +134,11 @@ impl Meshgate {
     pub async fn metric(&self, name: &str) -> f64 {
         let body = self.get("/metrics").await.unwrap_or_default();
         body.lines()
-            .find(|l| l.starts_with(name))
+            .find(|l| {
+                // The exact name: `meshgate_udp_flows` is also a prefix of `..._dropped_total`.
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
