@@ -273,11 +273,15 @@ async fn mtls_rejects_without_client_cert_and_accepts_with_one() {
     assert_eq!(status, 200);
 }
 
-#[tokio::test]
-async fn passthrough_routes_raw_tls_by_sni() {
-    let ca = Ca::new();
-    let (cert_pem, key_pem, db_der) = ca.issue(&["db.example"]);
-    // A TLS backend (meshgate must not terminate): greets after its own handshake.
+/// A TLS backend for `name` (its own certificate from `ca`) that greets each client after the
+/// handshake with `greeting`, then closes, or with `hold`, keeps the connection open a minute.
+async fn tls_backend(
+    ca: &Ca,
+    name: &str,
+    greeting: &'static [u8],
+    hold: bool,
+) -> (std::net::SocketAddr, CertificateDer<'static>) {
+    let (cert_pem, key_pem, der) = ca.issue(&[name]);
     let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_bytes())
         .map(Result::unwrap)
         .collect();
@@ -294,21 +298,29 @@ async fn passthrough_routes_raw_tls_by_sni() {
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let db = listener.local_addr().unwrap();
+    let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
+        while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    let _ = tls.write_all(b"hello from db").await;
+                    let _ = tls.write_all(greeting).await;
+                    if hold {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
                     let _ = tls.shutdown().await;
                 }
             });
         }
     });
+    (addr, der)
+}
+
+#[tokio::test]
+async fn passthrough_routes_raw_tls_by_sni() {
+    let ca = Ca::new();
+    // A TLS backend (meshgate must not terminate): greets after its own handshake.
+    let (db, db_der) = tls_backend(&ca, "db.example", b"hello from db", false).await;
     let mut s = Setup::new(EntrypointKind::TlsPassthrough);
     s.service("db", &[db]);
     s.router("db", "HostSNI(`db.example`)", "db", 0);
@@ -390,4 +402,81 @@ async fn https_upstream_with_alpn_h2() {
     let (st, _, body) = send(&client(), get(&proxy.url("/"), "x")).await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body, "secure HTTP/2.0");
+}
+
+/// Read from `s` until what was read ends with `end` (bounded by `STEP` per read).
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, end: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    while !got.ends_with(end) {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(STEP, s.read(&mut chunk))
+            .await
+            .expect("data in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    got
+}
+
+/// The graceful stop reaches the connections outside the HTTP/1 fast path: on TLS HTTP/1.1
+/// (hyper's connection) an idle keep-alive connection is closed and a request in flight
+/// finishes; a passthrough tunnel is closed.
+#[tokio::test]
+async fn graceful_stop_reaches_tls_http1_and_passthrough() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (files, _, _) = ca.write(dir.path(), "a", &["a.example"]);
+    let mut s = Setup::new(EntrypointKind::Https);
+    s.service("app", &[backend("app").await]);
+    s.router("app", "PathPrefix(`/`)", "app", 0);
+    let config = HttpConfig {
+        certificates: vec![files],
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&s.0, "web", config).await;
+    let cfg = client_config(&ca, &[b"http/1.1"], None);
+    let mut idle = tls_connect(proxy.addr, "a.example", Arc::clone(&cfg))
+        .await
+        .unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: a.example\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut idle, b"body-bytes: 0\n").await;
+    let mut busy = tls_connect(proxy.addr, "a.example", cfg).await.unwrap();
+    busy.write_all(b"GET /slow HTTP/1.1\r\nhost: a.example\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    proxy.shutdown.cancel();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(STEP, idle.read(&mut buf))
+        .await
+        .expect("the idle TLS connection is closed at the graceful stop");
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "closed without a response: {n:?}"
+    );
+    let slow = read_until(&mut busy, b"body-bytes: 0\n").await;
+    assert!(
+        slow.starts_with(b"HTTP/1.1 200"),
+        "the request in flight finished"
+    );
+
+    // Passthrough: a TLS backend that greets and then holds the connection open.
+    let (db, _) = tls_backend(&ca, "db.example", b"hello", true).await;
+    let mut s = Setup::new(EntrypointKind::TlsPassthrough);
+    s.service("db", &[db]);
+    s.router("db", "HostSNI(`db.example`)", "db", 0);
+    let proxy = Proxy::start(&s.0, "web", HttpConfig::default()).await;
+    let mut tunnel = tls_connect(proxy.addr, "db.example", client_config(&ca, &[], None))
+        .await
+        .unwrap();
+    read_until(&mut tunnel, b"hello").await;
+    proxy.shutdown.cancel();
+    let n = tokio::time::timeout(STEP, tunnel.read(&mut buf))
+        .await
+        .expect("the tunnel is closed at the graceful stop");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 }

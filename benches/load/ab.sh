@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # A/B two meshgate binaries on the same machine in the same run: interleaved rounds (A B A B …)
 # of wrk (HTTP/1.1 keep-alive; `close`: a new connection per request; `l4`: keep-alive through
-# an L4 TCP port) or h2load (HTTP/2 over TLS), medians and the ratio B/A.
+# an L4 TCP port; `h1tls`: HTTP/1.1 keep-alive over TLS) or h2load (`h2`: HTTP/2 over TLS),
+# medians and the ratio B/A.
 # Same setup as run.sh: nginx backend and both proxies (1 worker) pinned to PROXY_CPU, the load
 # generator to LOAD_CPU, loopback only, every process stopped by PID on exit.
-# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|l4] [rounds] [seconds]
+# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|h1tls|l4] [rounds] [seconds]
 set -u -o pipefail
 A=$1; B=$2; MODE=${3:-http}; ROUNDS=${4:-5}; SECS=${5:-4}
 LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-26000}
@@ -12,7 +13,8 @@ for t in nginx wrk h2load openssl; do command -v $t >/dev/null || { echo "missin
 . "$(cd "$(dirname "$0")" && pwd)/common.sh"
 lb_tmp meshgate-ab
 lb_cert
-KIND=http; [ "$MODE" = h2 ] && KIND=https
+KIND=http; SCHEME=http
+case $MODE in h2|h1tls) KIND=https; SCHEME=https ;; esac
 CLOSE=; [ "$MODE" = close ] && CLOSE=1
 l4_config() { # port: the backend behind an L4 TCP port
   printf 'log: {level: warn}\nadmin: {enabled: false}\nproviders: {file: {watch: false}}\n'
@@ -32,7 +34,7 @@ run() { # port seconds -> req/s
     taskset -c "$LOAD_CPU" h2load -t1 -c64 -m10 -D "$2" "https://127.0.0.1:$1/" 2>&1 |
       sed -n 's/.*finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p'
   else
-    taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${2}s" ${CLOSE:+-H "Connection: close"} "http://127.0.0.1:$1/" |
+    taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${2}s" ${CLOSE:+-H "Connection: close"} "$SCHEME://127.0.0.1:$1/" |
       sed -n 's/^Requests\/sec: *//p'
   fi
 }

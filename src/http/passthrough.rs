@@ -195,13 +195,18 @@ pub(crate) async fn serve(conn: Arc<ConnState>, mut stream: TcpStream) {
         if upstream.write_all(&buf).await.is_err() {
             return;
         }
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "passthrough tunnel closed with error");
-                }
+        // Until either side closes or the graceful stop: its flag only, as the connection
+        // wrapper (`super::Connection`) wakes this task when it is signalled.
+        let mut tunnel = std::pin::pin!(tokio::io::copy_bidirectional(&mut stream, &mut upstream));
+        let r = std::future::poll_fn(|cx| {
+            if conn.shutdown.is_cancelled() {
+                return std::task::Poll::Ready(Ok((0, 0)));
             }
-            _ = conn.shutdown.cancelled() => {}
+            std::future::Future::poll(tunnel.as_mut(), cx)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "passthrough tunnel closed with error");
         }
         return;
     }

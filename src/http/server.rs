@@ -70,13 +70,17 @@ where
     let mut connection = builder
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
-    let result = tokio::select! {
-        r = &mut connection => r,
-        _ = shutdown.cancelled() => {
+    // The graceful stop is the flag only: the connection wrapper (`super::Connection`) wakes
+    // this task when it is signalled, so no wait of our own (whose every poll takes locks).
+    let mut stopping = false;
+    let result = std::future::poll_fn(|cx| {
+        if !stopping && shutdown.is_cancelled() {
+            stopping = true;
             std::pin::Pin::new(&mut connection).graceful_shutdown();
-            (&mut connection).await
         }
-    };
+        std::future::Future::poll(std::pin::Pin::new(&mut connection), cx)
+    })
+    .await;
     let Err(e) = result else { return };
     if e.is_timeout() {
         // Only answer a client that started a request; an idle keep-alive connection is
