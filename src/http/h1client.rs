@@ -90,8 +90,7 @@ pub(crate) async fn send(
             return Err(e);
         }
     };
-    let (body, upstream) =
-        RawBody::start(head.framing, up, buf, head.head_len, head.reusable, idle);
+    let (body, upstream) = RawBody::start(&head, up, buf, idle);
     if let Some((up, idle)) = upstream {
         idle.push(up);
     }
@@ -130,6 +129,10 @@ struct Head {
     head_len: usize,
     framing: Framing,
     reusable: bool,
+    /// The head and the body bytes of a `Length` body read with it, copied out of the read
+    /// buffer once: the header values and that body are slices of it (one allocation, not one
+    /// per value).
+    raw: Bytes,
 }
 
 enum Failed {
@@ -186,33 +189,47 @@ fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyErro
     }
     let mut framing = ResponseFraming::default();
     let mut reusable = version == 1;
-    let mut map = HeaderMap::with_capacity(resp.headers.len());
     for h in resp.headers.iter() {
-        let v = h.value;
         let framing_header = framing
-            .note(h.name, v)
+            .note(h.name, h.value)
             .map_err(|_| ProxyError::UpstreamProtocol)?;
         if !framing_header
             && eq(h.name, "connection")
-            && tokens(v).any(|t| t.eq_ignore_ascii_case(b"close"))
+            && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"))
         {
             reusable = false;
         }
-        if eq(h.name, "content-length") && map.contains_key(http::header::CONTENT_LENGTH) {
-            continue; // a repeated (equal) length
-        }
-        let name =
-            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ProxyError::UpstreamProtocol)?;
-        let value = HeaderValue::from_bytes(v).map_err(|_| ProxyError::UpstreamProtocol)?;
-        map.append(name, value);
     }
-    if framing.length_overridden() {
-        // RFC 9112 §6.3: Transfer-Encoding wins; the length must not be passed on.
-        map.remove(http::header::CONTENT_LENGTH);
-    }
+    let length_overridden = framing.length_overridden();
     let framing = framing.framing(code, head_request);
     if framing == Framing::UntilClose {
         reusable = false;
+    }
+    let body_here = match framing {
+        Framing::Length(n) => n.min((data.len() - head_len) as u64) as usize,
+        _ => 0,
+    };
+    let raw = Bytes::copy_from_slice(&data[..head_len + body_here]);
+    let mut map = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        if eq(h.name, "content-length")
+            && (length_overridden || map.contains_key(http::header::CONTENT_LENGTH))
+        {
+            // RFC 9112 §6.3: Transfer-Encoding wins, and the length is not passed on; or a
+            // repeated (equal) length.
+            continue;
+        }
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ProxyError::UpstreamProtocol)?;
+        // `h.value` lies within `data[..head_len]`: the same bytes of `raw`.
+        let at = (h.value.as_ptr() as usize).wrapping_sub(data.as_ptr() as usize);
+        let value = if at.saturating_add(h.value.len()) <= head_len {
+            HeaderValue::from_maybe_shared(raw.slice(at..at + h.value.len()))
+        } else {
+            HeaderValue::from_bytes(h.value)
+        }
+        .map_err(|_| ProxyError::UpstreamProtocol)?;
+        map.append(name, value);
     }
     Ok(Some(Head {
         status,
@@ -220,6 +237,7 @@ fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyErro
         head_len,
         framing,
         reusable,
+        raw,
     }))
 }
 
@@ -256,18 +274,18 @@ impl RawBody {
     /// The body after a head of `head_len` bytes in `buf`. When the body is complete in `buf`,
     /// the connection is handed back for the pool (if it may be reused) with the body.
     fn start(
-        framing: Framing,
+        head: &Head,
         up: TcpStream,
         buf: Vec<u8>,
-        head_len: usize,
-        reusable: bool,
         idle: Arc<Idle<TcpStream>>,
     ) -> (RawBody, Upstream) {
+        let (framing, head_len, reusable) = (head.framing, head.head_len, head.reusable);
         let rest = &buf[head_len..];
         let whole = match framing {
             Framing::Empty | Framing::Length(0) => Some((None, None, 0)),
             Framing::Length(n) if n <= rest.len() as u64 => {
-                let data = Bytes::copy_from_slice(&rest[..n as usize]);
+                // Copied with the head (`Head::raw`).
+                let data = head.raw.slice(head_len..);
                 Some((Some(data), None, n as usize))
             }
             Framing::Chunked => {

@@ -193,6 +193,8 @@ struct HyperValues {
     /// connection nearly always asks for one host, so later requests reuse the value instead
     /// of building it. Set once, never locked.
     forwarded: OnceLock<(HeaderValue, HeaderValue)>,
+    /// The first HTTP/2 `:authority` seen, as a `Host` value; same reasoning.
+    authority: OnceLock<HeaderValue>,
 }
 
 impl ForwardInfo {
@@ -233,6 +235,7 @@ impl ForwardInfo {
                 peer_ip: HeaderValue::from_bytes(self.peer_ip_bytes())
                     .expect("an IP is a header value"),
                 forwarded: OnceLock::new(),
+                authority: OnceLock::new(),
             })
         })
     }
@@ -240,6 +243,21 @@ impl ForwardInfo {
     /// The peer's IP as a header value.
     pub fn peer_ip(&self) -> HeaderValue {
         self.values().peer_ip.clone()
+    }
+
+    /// An HTTP/2 request's `:authority` as a `Host` value; the connection's first one is kept
+    /// and shared (no allocation for the requests after it that ask for the same).
+    pub fn authority_value(&self, authority: &str) -> Option<HeaderValue> {
+        let cached = &self.values().authority;
+        if let Some(v) = cached
+            .get()
+            .filter(|v| v.as_bytes() == authority.as_bytes())
+        {
+            return Some(v.clone());
+        }
+        let v = HeaderValue::from_str(authority).ok()?;
+        let _ = cached.set(v.clone()); // kept if it is the first
+        Some(v)
     }
 
     /// Write this hop's own `Forwarded` element (`for=..;proto=..[;host=".."]`) to `out`. A
@@ -442,6 +460,26 @@ mod tests {
         );
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "a.example");
+    }
+
+    #[test]
+    fn authority_value_shares_the_first_authority() {
+        let info = ForwardInfo::new("192.0.2.1".parse().unwrap(), false, false);
+        let first = info.authority_value("a.example").unwrap();
+        let again = info.authority_value("a.example").unwrap();
+        let other = info.authority_value("b.example").unwrap();
+        let third = info.authority_value("a.example").unwrap();
+        for (v, want) in [
+            (&first, "a.example"),
+            (&again, "a.example"),
+            (&other, "b.example"),
+        ] {
+            assert_eq!(v, want);
+        }
+        assert_eq!(third, "a.example");
+        // The repeats are the kept value's bytes, not copies.
+        assert_eq!(again.as_bytes().as_ptr(), third.as_bytes().as_ptr());
+        assert!(info.authority_value("bad\nhost").is_none());
     }
 
     #[test]

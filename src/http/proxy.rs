@@ -237,7 +237,7 @@ fn proxy<'a>(
         let host_header = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .and_then(|a| conn.forward.authority_value(a.as_str()))
         });
         strip_hop_by_hop(req.headers_mut(), upgrade);
         set_forwarding(req.headers_mut(), &conn.forward, host_header.as_ref());
