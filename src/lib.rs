@@ -23,6 +23,8 @@
 //! - [`listener`]: opens and closes listeners at runtime, drains on removal.
 //! - [`balance`]: endpoint picking (round robin, least-conn, P2C peak-EWMA, Maglev).
 //! - [`proxy`]: TCP (splice) and UDP proxying.
+//! - [`udpio`]: batched UDP socket I/O (`recvmmsg`/`sendmmsg`, READABLE-only registration) for
+//!   the UDP proxy and the DNS server.
 //! - [`http`]: L7 entrypoints and routers; plain HTTP/1.1 on its own byte-level engine
 //!   ([`http::fast1`]), HTTP/2 on its own connection loop over the `h2` crate
 //!   ([`http::h2server`]), the rest (HTTP/1.1 over TLS, upgrades) served by hyper; bodyless
@@ -36,7 +38,7 @@
 //! [`admin`] (admin API + Prometheus), [`echo`] (the project's own test backend), [`memtrim`]
 //! (open-connection count; returns freed heap memory after connections close).
 // Two exceptions, allowed where they stand: the FFI call to glibc's `malloc_trim` ([`memtrim`]),
-// and registering the DNS UDP socket for READABLE only (`AsyncFd::register_with_interest`).
+// and registering UDP sockets for READABLE only (`AsyncFd::register_with_interest`, [`udpio`]).
 #![deny(unsafe_code)]
 
 pub mod admin;
