@@ -165,7 +165,6 @@ impl ListenerSet {
                     listener,
                     self.ctx.clone(),
                     stop_accept.clone(),
-                    hard_stop.clone(),
                     tracker.clone(),
                 ));
             }
@@ -237,7 +236,6 @@ async fn accept_loop(
     listener: TcpListener,
     ctx: ListenerContext,
     stop_accept: crate::stop::Graceful,
-    hard_stop: CancellationToken,
     tracker: TaskTracker,
 ) {
     let owner: Arc<str> = Arc::from(owner);
@@ -265,15 +263,7 @@ async fn accept_loop(
             }
         };
         ctx.metrics.accepted.inc();
-        spawn_connection(
-            &key,
-            &owner,
-            stream,
-            peer,
-            &ctx,
-            (&stop_accept, &hard_stop),
-            &tracker,
-        );
+        spawn_connection(&key, &owner, stream, peer, &ctx, &stop_accept, &tracker);
     }
 }
 
@@ -317,7 +307,7 @@ fn spawn_connection(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: &ListenerContext,
-    (graceful, hard_stop): (&crate::stop::Graceful, &CancellationToken),
+    stop: &crate::stop::Graceful,
     tracker: &TaskTracker,
 ) {
     match key.kind {
@@ -328,25 +318,26 @@ fn spawn_connection(
                 tracing::debug!(listener = %key, "no route (table changing); closing");
                 return;
             };
-            let proxied = crate::proxy::tcp::proxy_connection(
-                route,
-                stream,
-                peer,
-                Arc::clone(&ctx.metrics),
-                hard_stop.clone(),
-            );
-            tracker.spawn(ConnTask::new(proxied));
+            // The listener's graceful stop means nothing to a byte stream (it goes on); its hard
+            // stop (the drain deadline) drops the connection.
+            let proxied =
+                crate::proxy::tcp::proxy_connection(route, stream, peer, Arc::clone(&ctx.metrics));
+            tracker.spawn(ConnTask::new(crate::stop::Stoppable::new(
+                proxied,
+                stop.clone(),
+            )));
         }
         ListenKind::Http => {
-            // HTTP gets two signals: `graceful` (listener removed or shutdown: finish in-flight
-            // requests, stop keep-alive) and `hard_stop` (drain deadline: drop the connection).
+            // HTTP gets two signals: the graceful stop (listener removed or shutdown: finish
+            // in-flight requests, stop keep-alive) and the hard stop (drain deadline: drop the
+            // connection), both in `stop`.
             let serve = crate::http::serve_connection(
                 Arc::clone(&ctx.http),
                 Arc::clone(&ctx.table),
                 Arc::clone(owner),
                 stream,
                 peer,
-                graceful.clone(),
+                stop.clone(),
             );
             tracker.spawn(ConnTask::new(serve));
         }

@@ -41,3 +41,10 @@ CONF
   [ "$2" = https ] && echo "http: {certificates: [{cert: $TMP/cert.pem, key: $TMP/key.pem}]}"
   return 0
 }
+
+# meshgate config on stdout: the backend behind an L4 TCP port on 127.0.0.1:PORT.
+# Usage: lb_l4_config PORT
+lb_l4_config() {
+  printf 'log: {level: warn}\nadmin: {enabled: false}\nproviders: {file: {watch: false}}\n'
+  printf 'services: {web: {ports: ["127.0.0.1:%s:80/tcp"], endpoints: ["127.0.0.1:%s"]}}\n' "$1" $((P+1))
+}

@@ -5,6 +5,7 @@
 # Needs: linux-perf, nginx, wrk; target/release/meshgate (release profile keeps debug=1).
 # Usage: benches/load/profile.sh [seconds]   (default 10); STRACE=1 for syscall counts instead;
 #        MODE=h2 profiles HTTP/2 over TLS (h2load -c64 -m10, needs nghttp2-client, openssl) instead;
+#        MODE=l4 profiles keep-alive HTTP through an L4 TCP port (wrk; the l4-rr scenario);
 #        SAVE=FILE keeps a copy of perf.data.
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd)
@@ -22,7 +23,11 @@ else
   KIND=http; URL="http://127.0.0.1:$((P+2))/"
   loadgen() { taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${1}s" "$URL"; }
 fi
-lb_config $((P+2)) "$KIND" >"$TMP/m.yaml"
+if [ "$MODE" = l4 ]; then
+  lb_l4_config $((P+2)) >"$TMP/m.yaml"
+else
+  lb_config $((P+2)) "$KIND" >"$TMP/m.yaml"
+fi
 lb_backend
 TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "$REPO/target/release/meshgate" run --config "$TMP/m.yaml" & MG=$!; PIDS+=($MG)
 sleep 1

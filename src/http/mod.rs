@@ -179,7 +179,8 @@ pub(crate) fn lowercase<'b>(s: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> 
 /// stands.
 ///
 /// Not an `async fn`: the connection's state is set up right away and the future returned is
-/// the plain HTTP/1 fast path's own (or a box for TLS and passthrough) inside a [`Connection`].
+/// the plain HTTP/1 fast path's own (or a box for TLS and passthrough) inside a
+/// [`crate::stop::Stoppable`].
 /// An `async fn` would keep its arguments in the future beside the one it awaits, ~300 bytes
 /// more in every connection's task (RSS per idle connection).
 pub fn serve_connection(
@@ -202,7 +203,7 @@ pub fn serve_connection(
     };
     let Some(settings) = settings else {
         tracing::debug!(entrypoint = %entrypoint, "connection on an entrypoint that is gone");
-        return Connection::new(
+        return crate::stop::Stoppable::new(
             Either::Right(Box::pin(std::future::ready(())) as Boxed),
             stop,
         );
@@ -242,70 +243,5 @@ pub fn serve_connection(
         }
         _ => Either::Left(fast1::serve(conn, fast1::Client::new(stream))),
     };
-    Connection::new(serve, stop)
-}
-
-pin_project_lite::pin_project! {
-    /// One downstream connection's future and its two stop signals. When the graceful one
-    /// fires, the connection is polled (the fast path checks the signal only then: an idle
-    /// connection closes, one with a request in flight finishes it) and the hard one is armed;
-    /// when that fires, the connection is dropped.
-    ///
-    /// Why here and not a wait inside the connection's own future: that future is what an idle
-    /// connection's task holds, and one cancellation wait is 72 bytes; the graceful and the
-    /// hard stop share this one slot in turn.
-    ///
-    /// The wait is polled once, on the first poll, to register the task's waker (a task's waker
-    /// stays valid for the life of the task, so it needs no renewal); after that only the
-    /// lock-free flag ([`crate::stop`]) is read until the stop is signalled. Polling the wait
-    /// every time took the token's mutex and the lock of the `Notify` shared by every
-    /// connection of the listener, on every poll.
-    struct Connection<F> {
-        #[pin]
-        fut: F,
-        // `None` until the first poll (the niche of the token inside: no larger than the wait).
-        #[pin]
-        stop: Option<tokio_util::sync::WaitForCancellationFutureOwned>,
-        signal: crate::stop::Graceful,
-    }
-}
-
-impl<F> Connection<F> {
-    fn new(fut: F, signal: crate::stop::Graceful) -> Self {
-        Connection {
-            fut,
-            stop: None,
-            signal,
-        }
-    }
-}
-
-impl<F: std::future::Future<Output = ()>> std::future::Future for Connection<F> {
-    type Output = ();
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        let mut this = self.project();
-        if this.stop.is_none() {
-            this.stop
-                .set(Some(this.signal.token().clone().cancelled_owned()));
-        } else if !this.signal.is_cancelled() {
-            return this.fut.poll(cx);
-        }
-        while let Some(stop) = this.stop.as_mut().as_pin_mut() {
-            if stop.poll(cx).is_pending() {
-                break;
-            }
-            if this.signal.hard().is_cancelled() {
-                return std::task::Poll::Ready(());
-            }
-            // Graceful stop: arm the hard one (registered by the next turn of this loop),
-            // then poll the connection below so it sees the graceful signal.
-            this.stop
-                .set(Some(this.signal.hard().clone().cancelled_owned()));
-        }
-        this.fut.poll(cx)
-    }
+    crate::stop::Stoppable::new(serve, stop)
 }

@@ -13,6 +13,7 @@
 //! Half-close: when one side sends FIN, the other side's write half is shut down and the opposite
 //! direction keeps flowing until it ends too. An error in either direction ends both.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,31 +60,52 @@ pub fn bidirectional<'a>(
     idle: Option<Duration>,
 ) -> impl std::future::Future<Output = (Outcome, Transferred)> + Send + 'a {
     async move {
+        // The last time a byte moved, kept only when there is an idle timeout to check it
+        // against (a clock read per message otherwise).
         let activity = AtomicU64::new(clock::now_ms());
-        let up = one_way(downstream, upstream, &activity);
-        let down = one_way(upstream, downstream, &activity);
+        let track = idle.map(|_| &activity);
+        let up = one_way(downstream, upstream, track);
+        let down = one_way(upstream, downstream, track);
         let idle = idle_watch(idle, &activity);
         tokio::pin!(up, down, idle);
         let (mut up_done, mut down_done) = (None, None);
         // Not `join!`: an error in one direction must end the other too, or a direction waiting for
-        // a peer that will never speak keeps both sockets open forever.
-        loop {
-            tokio::select! {
-                r = &mut up, if up_done.is_none() => match r {
-                    Ok(n) => up_done = Some(n),
-                    Err(_) => return (Outcome::Error, Transferred::default()),
-                },
-                r = &mut down, if down_done.is_none() => match r {
-                    Ok(n) => down_done = Some(n),
-                    Err(_) => return (Outcome::Error, Transferred::default()),
-                },
-                _ = &mut idle => return (Outcome::Idle, Transferred::default()),
+        // a peer that will never speak keeps both sockets open forever. Not `select!` either: its
+        // random branch order costs a random number per wake-up, and the order does not matter
+        // (each direction only does what its sockets allow).
+        std::future::poll_fn(|cx| {
+            if poll_way(up.as_mut(), &mut up_done, cx).is_err()
+                || poll_way(down.as_mut(), &mut down_done, cx).is_err()
+            {
+                return Poll::Ready((Outcome::Error, Transferred::default()));
             }
             if let (Some(up), Some(down)) = (up_done, down_done) {
-                return (Outcome::Closed, Transferred { up, down });
+                return Poll::Ready((Outcome::Closed, Transferred { up, down }));
             }
+            if idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready((Outcome::Idle, Transferred::default()));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Poll one direction unless it has ended (its byte count then is in `done`); `Err` if it
+/// failed.
+fn poll_way(
+    way: std::pin::Pin<&mut impl Future<Output = io::Result<u64>>>,
+    done: &mut Option<u64>,
+    cx: &mut Context<'_>,
+) -> Result<(), ()> {
+    if done.is_none() {
+        match way.poll(cx) {
+            Poll::Ready(Ok(n)) => *done = Some(n),
+            Poll::Ready(Err(_)) => return Err(()),
+            Poll::Pending => {}
         }
     }
+    Ok(())
 }
 
 /// Resolves once no byte moved for `idle`; never resolves without an idle timeout.
@@ -104,12 +126,20 @@ async fn idle_watch(idle: Option<Duration>, activity: &AtomicU64) {
     }
 }
 
+/// Note that bytes moved now (for the idle timeout, if there is one).
+#[inline]
+fn touch(activity: Option<&AtomicU64>) {
+    if let Some(a) = activity {
+        a.store(clock::now_ms(), Ordering::Relaxed);
+    }
+}
+
 /// Copy `from` → `to` until EOF (then shut down `to`'s write half) or an error.
 #[allow(clippy::manual_async_fn)]
 fn one_way<'a>(
     from: &'a TcpStream,
     to: &'a TcpStream,
-    activity: &'a AtomicU64,
+    activity: Option<&'a AtomicU64>,
 ) -> impl std::future::Future<Output = io::Result<u64>> + Send + 'a {
     async move {
         #[cfg(target_os = "linux")]
@@ -274,7 +304,7 @@ mod pipes {
 fn splice_one_way<'a>(
     from: &'a TcpStream,
     to: &'a TcpStream,
-    activity: &'a AtomicU64,
+    activity: Option<&'a AtomicU64>,
 ) -> impl std::future::Future<Output = io::Result<u64>> + Send + 'a {
     async move {
         use rustix::pipe::{splice, SpliceFlags};
@@ -304,7 +334,7 @@ fn splice_one_way<'a>(
                 bulk = n == buf.capacity();
                 bufs::give(buf);
                 total += n as u64;
-                activity.store(clock::now_ms(), Ordering::Relaxed);
+                touch(activity);
                 continue;
             }
             read_ready(from).await?;
@@ -342,7 +372,7 @@ fn splice_one_way<'a>(
             pipes::give(pipe);
             total += n as u64;
             bulk = n >= bufs::BUF_SIZE;
-            activity.store(clock::now_ms(), Ordering::Relaxed);
+            touch(activity);
         }
     }
 }
@@ -352,7 +382,7 @@ fn splice_one_way<'a>(
 fn buffered_one_way<'a>(
     from: &'a TcpStream,
     to: &'a TcpStream,
-    activity: &'a AtomicU64,
+    activity: Option<&'a AtomicU64>,
 ) -> impl std::future::Future<Output = io::Result<u64>> + Send + 'a {
     async move {
         let mut buf: Vec<u8> = Vec::new();
@@ -381,7 +411,7 @@ fn buffered_one_way<'a>(
                 }
             }
             total += n as u64;
-            activity.store(clock::now_ms(), Ordering::Relaxed);
+            touch(activity);
         }
     }
 }
@@ -468,7 +498,7 @@ mod tests {
         let (mut client, p1) = pair().await;
         let (p2, mut server) = pair().await;
         let activity = AtomicU64::new(0);
-        let copy = async { buffered_one_way(&p1, &p2, &activity).await.unwrap() };
+        let copy = async { buffered_one_way(&p1, &p2, Some(&activity)).await.unwrap() };
         let io = async {
             client.write_all(b"hello").await.unwrap();
             client.shutdown().await.unwrap();

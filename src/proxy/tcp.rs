@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::connect::connect;
 use super::copy::{bidirectional, Outcome};
@@ -14,8 +13,9 @@ use crate::metrics::Metrics;
 use crate::model::ProxyProtocol;
 use crate::table::L4Route;
 
-/// Proxy `downstream` to an endpoint of `route` until it closes, idles out, or `hard_stop` fires
-/// (the listener's drain deadline or shutdown).
+/// Proxy `downstream` to an endpoint of `route` until it closes or idles out. The listener's
+/// drain deadline drops this future ([`crate::stop::Stoppable`] around it): no stop signal is
+/// polled here, on every wake-up of the connection.
 ///
 /// A function returning an `async move` block, not an `async fn`: an `async fn` keeps its
 /// arguments twice in its future (as captured and as moved into locals), and this future is
@@ -26,7 +26,6 @@ pub fn proxy_connection(
     downstream: TcpStream,
     peer: SocketAddr,
     metrics: Arc<Metrics>,
-    hard_stop: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
         super::tune_tcp(&downstream);
@@ -41,10 +40,14 @@ pub fn proxy_connection(
         let service = Arc::clone(&route.service.name);
         // In a block: the connect result's storage ends here, not beside the copy's state.
         let mut upstream = {
-            let connected = tokio::select! {
-                r = connect(route.pool(), hash_ip(peer.ip()), connect_timeout, retries, &metrics) => r,
-                _ = hard_stop.cancelled() => return,
-            };
+            let connected = connect(
+                route.pool(),
+                hash_ip(peer.ip()),
+                connect_timeout,
+                retries,
+                &metrics,
+            )
+            .await;
             match connected {
                 Ok(u) => u,
                 Err(e) => {
@@ -68,19 +71,14 @@ pub fn proxy_connection(
             }
         }
         tracing::debug!(%service, client = %peer, endpoint = %upstream.addr, "proxying");
-        let result = tokio::select! {
-            r = bidirectional(&downstream, &upstream.stream, idle) => Some(r),
-            _ = hard_stop.cancelled() => None,
-        };
-        match result {
-            Some((Outcome::Idle, _)) => {
+        match bidirectional(&downstream, &upstream.stream, idle).await {
+            (Outcome::Idle, _) => {
                 metrics.idle_closed.inc();
                 tracing::debug!(%service, client = %peer, "closed idle connection");
             }
-            Some((outcome, t)) => {
+            (outcome, t) => {
                 tracing::debug!(%service, client = %peer, ?outcome, up = t.up, down = t.down, "connection ended")
             }
-            None => tracing::debug!(%service, client = %peer, "connection cut at drain deadline"),
         }
         drop(upstream.in_flight);
     }
