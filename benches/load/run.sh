@@ -144,6 +144,27 @@ check_alive() {
       echo "$n exited; log:" >&2; tail -20 "$TMP/$n.log" >&2; return 1
     fi
   done
+  pin_all
+}
+# Pin every thread of every server started so far to PROXY_CPU again. `taskset` at start sets
+# the mask a process starts with, but a server may set its threads' affinity itself: knot pins
+# its UDP worker to CPU (worker id mod CPUs), i.e. CPU 0, beside the load generator, where its
+# wake-ups of dnsperf were CPU-local (no cross-CPU wake-up) and its CPU time was not on the
+# proxy core. Says which threads it moved back.
+pin_all() {
+  local p t want moved
+  want=$PROXY_CPU
+  for p in "${PIDS[@]}"; do
+    for t in /proc/"$p"/task/*; do
+      [ -d "$t" ] || continue
+      t=${t##*/}
+      if [ "$(taskset -p -c "$t" 2>/dev/null | sed 's/.*: //')" != "$want" ]; then
+        taskset -p -c "$want" "$t" >/dev/null 2>&1 && moved+="$(cat /proc/"$p"/comm 2>/dev/null)/$t "
+      fi
+    done
+  done
+  [ -n "${moved:-}" ] && note "re-pinned to CPU $want: $moved"
+  return 0
 }
 # CPU ticks (utime+stime, 1/100 s) of a PID and its children.
 cpu_ticks() {
@@ -502,6 +523,12 @@ zone:
 EOF
 }
 
+# dnsperf's average latency (its output on stdin) in microseconds. A server that answers later
+# works on bigger batches: at one offered rate, CPU per query and latency trade against each other.
+dns_latency_us() {
+  sed -n 's/^ *Average Latency (s): *\([0-9.]*\).*/\1/p' | python3 -c 'import sys; t=sys.stdin.read().strip(); print(round(float(t)*1e6) if t else "?")'
+}
+
 sc_dns() {
   local n=1000 i
   mkdir -p "$TMP/knot" "$TMP/nsd"
@@ -547,7 +574,7 @@ EOF
     --user=root --pid-file="$TMP/dnsmasq.pid" --cache-size=10000
   sleep 2
   check_alive dns-meshgate dns-knot dns-nsd dns-dnsmasq || exit 1
-  local r t port c0 c1 out qps lost codes cpu ceil=()
+  local r t port c0 c1 out qps lost codes cpu lat ceil=()
   for r in $(seq "$ROUNDS"); do
     for t in meshgate knot nsd dnsmasq; do
       case $t in meshgate) port=$D_MESH ;; knot) port=$D_KNOT ;; nsd) port=$D_NSD ;; dnsmasq) port=$D_DNSMASQ ;; esac
@@ -557,10 +584,11 @@ EOF
       qps=$(sed -n 's/^ *Queries per second: *\([0-9.]*\).*/\1/p' <<<"$out")
       lost=$(sed -n 's/^ *Queries lost: *\([0-9]*\).*/\1/p' <<<"$out")
       codes=$(sed -n 's/^ *Response codes: *//p' <<<"$out" | sed 's/ [0-9]* (/(/g' | tr -d ' ')
+      lat=$(dns_latency_us <<<"$out")
       qps=${qps:-0}
       cpu=$(python3 -c "q=$qps*$DURATION; print(round(($c1-$c0)*10000/q,2) if q>0 else 0)")
-      record dns "$t" "$r" "$qps" 0 "$cpu $codes"
-      note "dns $t round $r: $qps qps cpu/query ${cpu}us lost=${lost:-?} $codes"
+      record dns "$t" "$r" "$qps" 0 "$cpu $codes avg-latency=${lat}us"
+      note "dns $t round $r: $qps qps cpu/query ${cpu}us lost=${lost:-?} $codes avg latency ${lat}us"
       ceil+=("$qps")
     done
   done
@@ -577,9 +605,10 @@ EOF
       c1=$(cpu_ticks "${PID_OF[dns-$t]}")
       qps=$(sed -n 's/^ *Queries per second: *\([0-9.]*\).*/\1/p' <<<"$out")
       qps=${qps:-0}
+      lat=$(dns_latency_us <<<"$out")
       cpu=$(python3 -c "q=$qps*$DURATION; print(round(($c1-$c0)*10000/q,2) if q>0 else 0)")
-      record dns-rate "$t" "$r" "$qps" 0 "$cpu offered=$rate"
-      note "dns-rate $t round $r: $qps qps (offered $rate) cpu/query ${cpu}us"
+      record dns-rate "$t" "$r" "$qps" 0 "$cpu offered=$rate avg-latency=${lat}us"
+      note "dns-rate $t round $r: $qps qps (offered $rate) cpu/query ${cpu}us avg latency ${lat}us"
     done
   done
   stop_group
