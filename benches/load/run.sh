@@ -733,7 +733,23 @@ for sc, tgs in data.items():
             exs = ("%s %.2f" % (extra_name.get(sc, "proxy CPU µs/req"), exm))
         except ValueError:
             exs = vs[0][2]
-        tail = " ".join(sorted(set(" ".join(v[2].split(" ")[1:]) for v in vs if len(v[2].split(" ")) > 1)))
+        # After the first field: `key=NUMBERunit` tokens get the median over the rounds; other
+        # tokens are listed once each.
+        nums, words = collections.OrderedDict(), []
+        for v in vs:
+            for tok in v[2].split(" ")[1:]:
+                k, _, val = tok.partition("=")
+                num = val.rstrip("usmKiB%")
+                try:
+                    x = float(num) if val else float("nan")
+                    if x != x:
+                        raise ValueError
+                    nums.setdefault(k, (val[len(num):], []))[1].append(x)
+                except ValueError:
+                    if tok not in words:
+                        words.append(tok)
+        tail = " ".join(sorted(words) + ["%s=%g%s" % (k, statistics.median(xs), unit)
+                                         for k, (unit, xs) in nums.items()])
         if tail.strip("- "):
             exs += " " + tail
         if sc.startswith("mem"):
