@@ -23,8 +23,8 @@
 //! - [`listener`]: opens and closes listeners at runtime, drains on removal.
 //! - [`balance`]: endpoint picking (round robin, least-conn, P2C peak-EWMA, Maglev).
 //! - [`proxy`]: TCP (splice) and UDP proxying.
-//! - [`udpio`]: batched UDP socket I/O (`recvmmsg`/`sendmmsg`, READABLE-only registration) for
-//!   the UDP proxy and the DNS server.
+//! - [`udpio`]: batched UDP socket I/O (`recvmmsg`/`sendmmsg`, READABLE-only registration for
+//!   the UDP proxy, a blocking batch receive for the DNS server's worker threads).
 //! - [`http`]: L7 entrypoints and routers; plain HTTP/1.1 on its own byte-level engine
 //!   ([`http::fast1`]), HTTP/2 on its own connection loop over the `h2` crate
 //!   ([`http::h2server`]), the rest (HTTP/1.1 over TLS, upgrades) served by hyper; bodyless

@@ -1,6 +1,6 @@
 //! Batched UDP socket I/O for the data path: the DNS server and the L4 UDP proxy.
 //!
-//! Two things tokio's `UdpSocket` does not give:
+//! What tokio's `UdpSocket` does not give:
 //! - **Readable-only registration** ([`read_only`]). tokio registers every socket for
 //!   edge-triggered `EPOLLOUT` as well, and a UDP socket signals it each time the kernel frees a
 //!   sent datagram: every burst of sends woke the thread once more, for nothing (two
@@ -10,6 +10,9 @@
 //! - **Batches** ([`RecvBatch`], [`send_batch`]): on Linux one `recvmmsg` takes up to a batch of
 //!   datagrams off a socket and one `sendmmsg` sends a batch, instead of one system call per
 //!   datagram. Elsewhere they fall back to one call per datagram.
+//! - **A blocking batch receive** ([`RecvBatch::recv_wait`]) for a thread of its own (the DNS
+//!   server's UDP workers): it waits in `recvmmsg` itself, so a batch costs one system call to
+//!   receive instead of a readiness wait and a receive.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -92,6 +95,29 @@ impl RecvBatch {
     /// `recvmmsg` stops early only on an error, which is returned when nothing was taken.
     #[cfg(target_os = "linux")]
     pub fn recv(&mut self, udp: &std::net::UdpSocket) -> io::Result<usize> {
+        let taken = self.recvmmsg(udp, nix::sys::socket::MsgFlags::MSG_DONTWAIT)?;
+        if taken < self.slots() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(taken)
+    }
+
+    /// Wait (on a *blocking* socket, up to its read timeout) for at least one datagram, then
+    /// take what else is queued, up to the slots, without waiting more: `recvmmsg` with
+    /// `MSG_WAITFORONE`. One system call per batch where a readiness wait costs two
+    /// (`epoll_wait`, then `recvmmsg`). `WouldBlock`/`TimedOut` when the timeout passed empty.
+    #[cfg(target_os = "linux")]
+    pub fn recv_wait(&mut self, udp: &std::net::UdpSocket) -> io::Result<usize> {
+        self.recvmmsg(udp, nix::sys::socket::MsgFlags::MSG_WAITFORONE)
+    }
+
+    /// One `recvmmsg` into the slots: how many datagrams it took (an error only when none).
+    #[cfg(target_os = "linux")]
+    fn recvmmsg(
+        &mut self,
+        udp: &std::net::UdpSocket,
+        flags: nix::sys::socket::MsgFlags,
+    ) -> io::Result<usize> {
         use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders};
         use std::io::IoSliceMut;
         use std::os::fd::AsRawFd;
@@ -107,25 +133,31 @@ impl RecvBatch {
             udp.as_raw_fd(),
             &mut headers,
             iovs[..n].iter_mut(),
-            MsgFlags::MSG_DONTWAIT,
+            flags,
             None,
         )?;
-        let mut taken = 0;
         for msg in msgs {
-            taken += 1;
-            let peer = msg.address.as_ref().and_then(to_socket_addr);
-            let len = msg.bytes.min(slot);
-            let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
             self.received.push(Received {
-                len,
-                peer,
-                truncated,
+                len: msg.bytes.min(slot),
+                peer: msg.address.as_ref().and_then(to_socket_addr),
+                truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
             });
         }
-        if taken < n {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(taken)
+        Ok(self.received.len())
+    }
+
+    /// Elsewhere: one blocking `recv_from`, a batch of one.
+    #[cfg(not(target_os = "linux"))]
+    pub fn recv_wait(&mut self, udp: &std::net::UdpSocket) -> io::Result<usize> {
+        self.received.clear();
+        let slot = self.slot;
+        let (len, peer) = udp.recv_from(&mut self.input[..slot])?;
+        self.received.push(Received {
+            len: len.min(slot),
+            peer: Some(peer),
+            truncated: false,
+        });
+        Ok(1)
     }
 
     /// Elsewhere: `recv_from` until the socket is empty or the slots full.
@@ -169,8 +201,8 @@ fn to_socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
 pub const CONNECTED: [Option<SockaddrStorage>; MAX_BATCH] = [const { None }; MAX_BATCH];
 
 /// Send `datagrams[i]` to `to[i]` (`None`: the connected peer) with one `sendmmsg`, at most
-/// [`MAX_BATCH`]: how many the kernel took (it stops at the first that fails; that error is
-/// returned when it is the first).
+/// [`MAX_BATCH`], without waiting: how many the kernel took (it stops at the first that fails;
+/// that error is returned when it is the first; a full send buffer is `WouldBlock`).
 #[cfg(target_os = "linux")]
 pub fn send_batch(
     fd: RawFd,
@@ -190,7 +222,8 @@ pub fn send_batch(
         &datagrams[..count],
         &to[..count],
         none,
-        MsgFlags::empty(),
+        // Never wait, whatever the socket's mode (the DNS socket blocks in its receives).
+        MsgFlags::MSG_DONTWAIT,
     )?;
     Ok(sent.count())
 }
@@ -206,8 +239,8 @@ pub fn send_batch(
     let mut sent = 0;
     for (d, a) in datagrams.iter().zip(to) {
         let r = match a {
-            Some(a) => sendto(fd, &d[0], a, MsgFlags::empty()),
-            None => send(fd, &d[0], MsgFlags::empty()),
+            Some(a) => sendto(fd, &d[0], a, MsgFlags::MSG_DONTWAIT),
+            None => send(fd, &d[0], MsgFlags::MSG_DONTWAIT),
         };
         match r {
             Ok(_) => sent += 1,
@@ -283,5 +316,33 @@ mod tests {
         let _ = batch.recv(&b);
         let got: Vec<&[u8]> = (0..batch.len()).map(|i| batch.get(i).0).collect();
         assert_eq!(got, msgs);
+    }
+
+    /// The blocking receive takes what is queued once the first datagram is there, and comes
+    /// back empty-handed at the socket's read timeout.
+    #[test]
+    fn blocking_batch_receive_takes_the_queue_and_times_out() {
+        let (a, b) = pair();
+        b.set_nonblocking(false).unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .unwrap();
+        for i in 0..3u8 {
+            a.send_to(&[i; 5], b.local_addr().unwrap()).unwrap();
+        }
+        let mut batch = RecvBatch::new(8, 64);
+        assert_eq!(batch.recv_wait(&b).unwrap(), 3);
+        assert_eq!(batch.get(2).0, &[2u8; 5][..]);
+        assert_eq!(batch.get(0).1.peer, Some(a.local_addr().unwrap()));
+        let started = std::time::Instant::now();
+        let e = batch.recv_wait(&b).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        assert!(started.elapsed() >= std::time::Duration::from_millis(40));
+        assert!(batch.is_empty());
     }
 }
