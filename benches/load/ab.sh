@@ -5,7 +5,9 @@
 # medians and the ratio B/A.
 # Same setup as run.sh: nginx backend and both proxies (1 worker) pinned to PROXY_CPU, the load
 # generator to LOAD_CPU, loopback only, every process stopped by PID on exit.
-# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|h1tls|l4] [rounds] [seconds]
+# `dns`: both as DNS servers of 1,000 names, dnsperf (4 sockets) at DNS_RATE queries/s (0, the
+# default: as fast as it goes); compared by server CPU µs per answered query (lower is better).
+# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|h1tls|l4|dns] [rounds] [seconds]
 # THREADS=N (default 1): N worker threads per proxy and N load threads with 64*N connections;
 # with N > 1 nothing is pinned (proxies, backend and load share every core).
 set -u -o pipefail
@@ -13,7 +15,7 @@ A=$1; B=$2; MODE=${3:-http}; ROUNDS=${4:-5}; SECS=${5:-4}
 LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-26000}
 THREADS=${THREADS:-1}; C=$((64 * THREADS))
 if [ "$THREADS" -gt 1 ]; then ALL=$(seq -s, 0 $(($(nproc) - 1))); LOAD_CPU=$ALL; PROXY_CPU=$ALL; fi
-for t in nginx wrk h2load openssl; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
+for t in nginx wrk h2load openssl dnsperf; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
 . "$(cd "$(dirname "$0")" && pwd)/common.sh"
 lb_tmp meshgate-ab
 lb_cert
@@ -22,15 +24,27 @@ case $MODE in h2|h1tls) KIND=https; SCHEME=https ;; esac
 CLOSE=; [ "$MODE" = close ] && CLOSE=1
 if [ "$MODE" = l4 ]; then
   lb_l4_config $((P+2)) >"$TMP/a.yaml"; lb_l4_config $((P+3)) >"$TMP/b.yaml"
+elif [ "$MODE" = dns ]; then
+  lb_dns_config $((P+2)) >"$TMP/a.yaml"; lb_dns_config $((P+3)) >"$TMP/b.yaml"
+  for i in $(seq 0 999); do echo "s$i.meshgate A"; done >"$TMP/queries.txt"
 else
   lb_config $((P+2)) "$KIND" >"$TMP/a.yaml"; lb_config $((P+3)) "$KIND" >"$TMP/b.yaml"
 fi
 lb_backend
-TOKIO_WORKER_THREADS=$THREADS taskset -c "$PROXY_CPU" "$A" run --config "$TMP/a.yaml" & PIDS+=($!)
-TOKIO_WORKER_THREADS=$THREADS taskset -c "$PROXY_CPU" "$B" run --config "$TMP/b.yaml" & PIDS+=($!)
+TOKIO_WORKER_THREADS=$THREADS taskset -c "$PROXY_CPU" "$A" run --config "$TMP/a.yaml" & PIDS+=($!); PA=$!
+TOKIO_WORKER_THREADS=$THREADS taskset -c "$PROXY_CPU" "$B" run --config "$TMP/b.yaml" & PIDS+=($!); PB=$!
 sleep 1
-run() { # port seconds -> req/s
-  if [ "$MODE" = h2 ]; then
+ticks() { cat /proc/"$1"/task/*/stat | awk '{s += $14 + $15} END {print s}'; } # utime+stime, all threads
+UNIT="req/s"; [ "$MODE" = dns ] && UNIT="us/query"
+run() { # port seconds -> req/s (dns: server CPU us per answered query)
+  if [ "$MODE" = dns ]; then
+    local pid=$PA c0 c1 q; [ "$1" = $((P+3)) ] && pid=$PB
+    c0=$(ticks "$pid")
+    q=$(taskset -c "$LOAD_CPU" dnsperf -s 127.0.0.1 -p "$1" -d "$TMP/queries.txt" -l "$2" -c 4 -T 1 -q 200 \
+      $( [ "${DNS_RATE:-0}" != 0 ] && echo "-Q $DNS_RATE") 2>&1 | sed -n 's/^ *Queries per second: *\([0-9.]*\).*/\1/p')
+    c1=$(ticks "$pid")
+    python3 -c "q=${q:-0}*$2; print(round(($c1-$c0)*1e4/q, 3) if q else 0)"
+  elif [ "$MODE" = h2 ]; then
     taskset -c "$LOAD_CPU" h2load -t"$THREADS" -c"$C" -m10 -D "$2" "https://127.0.0.1:$1/" 2>&1 |
       sed -n 's/.*finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p'
   else
@@ -42,12 +56,12 @@ run $((P+2)) 1 >/dev/null; run $((P+3)) 1 >/dev/null
 ra=(); rb=()
 for r in $(seq "$ROUNDS"); do
   a=$(run $((P+2)) "$SECS"); b=$(run $((P+3)) "$SECS")
-  echo "round $r: A $a req/s, B $b req/s"
+  echo "round $r: A $a $UNIT, B $b $UNIT"
   ra+=("$a"); rb+=("$b")
 done
-python3 - "${ra[*]}" "${rb[*]}" <<'EOF'
+python3 - "${ra[*]}" "${rb[*]}" "$UNIT" <<'EOF'
 import sys, statistics
 a = [float(x) for x in sys.argv[1].split()]; b = [float(x) for x in sys.argv[2].split()]
-ma, mb = statistics.median(a), statistics.median(b)
-print(f"median A {ma:.0f} req/s, B {mb:.0f} req/s, B/A {mb / ma:.3f}")
+ma, mb, unit = statistics.median(a), statistics.median(b), sys.argv[3]
+print(f"median A {ma:.4g} {unit}, B {mb:.4g} {unit}, B/A {mb / ma:.3f}")
 EOF

@@ -48,3 +48,12 @@ lb_l4_config() {
   printf 'log: {level: warn}\nadmin: {enabled: false}\nproviders: {file: {watch: false}}\n'
   printf 'services: {web: {ports: ["127.0.0.1:%s:80/tcp"], endpoints: ["127.0.0.1:%s"]}}\n' "$1" $((P+1))
 }
+
+# meshgate config on stdout: a DNS server on 127.0.0.1:PORT (UDP and TCP) for the names
+# s0..s999.meshgate (one endpoint each, no VIPs, no forwarding), nothing else.
+# Usage: lb_dns_config PORT
+lb_dns_config() {
+  printf 'log: {level: warn}\nadmin: {enabled: false}\nproviders: {file: {watch: false}}\nservices:\n'
+  for i in $(seq 0 999); do printf '  s%s: {endpoints: ["127.1.%s.%s"]}\n' "$i" $((i / 250)) $((i % 250 + 1)); done
+  printf 'dns: {enabled: true, bind: "127.0.0.1:%s", zone: meshgate., ttl: 5, forward: false, vips: false}\n' "$1"
+}
