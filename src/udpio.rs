@@ -1,10 +1,10 @@
 //! Batched UDP socket I/O for the data path: the DNS server and the L4 UDP proxy.
 //!
 //! What tokio's `UdpSocket` does not give:
-//! - **Readable-only registration** ([`read_only`]). tokio registers every socket for
-//!   edge-triggered `EPOLLOUT` as well, and a UDP socket signals it each time the kernel frees a
-//!   sent datagram: every burst of sends woke the thread once more, for nothing (two
-//!   `epoll_wait` per batch under `strace`). Sends here never wait for writability: a UDP send
+//! - **Readable-only registration** ([`read_only`], for the UDP proxy's sockets). tokio registers
+//!   every socket for edge-triggered `EPOLLOUT` as well, and a UDP socket signals it each time
+//!   the kernel frees a sent datagram: every burst of sends woke the thread once more, for
+//!   nothing (two `epoll_wait` per batch under `strace`). Sends here never wait for writability: a UDP send
 //!   buffer drains on its own as datagrams are delivered, and a full one means drop (or, for
 //!   DNS answers, retry a few times).
 //! - **Batches** ([`RecvBatch`], [`send_batch`]): on Linux one `recvmmsg` takes up to a batch of

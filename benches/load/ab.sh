@@ -15,7 +15,8 @@ A=$1; B=$2; MODE=${3:-http}; ROUNDS=${4:-5}; SECS=${5:-4}
 LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-26000}
 THREADS=${THREADS:-1}; C=$((64 * THREADS))
 if [ "$THREADS" -gt 1 ]; then ALL=$(seq -s, 0 $(($(nproc) - 1))); LOAD_CPU=$ALL; PROXY_CPU=$ALL; fi
-for t in nginx wrk h2load openssl dnsperf; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
+NEED="nginx wrk h2load openssl"; [ "$MODE" = dns ] && NEED="$NEED dnsperf"
+for t in $NEED; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
 . "$(cd "$(dirname "$0")" && pwd)/common.sh"
 lb_tmp meshgate-ab
 lb_cert
@@ -63,5 +64,6 @@ python3 - "${ra[*]}" "${rb[*]}" "$UNIT" <<'EOF'
 import sys, statistics
 a = [float(x) for x in sys.argv[1].split()]; b = [float(x) for x in sys.argv[2].split()]
 ma, mb, unit = statistics.median(a), statistics.median(b), sys.argv[3]
-print(f"median A {ma:.4g} {unit}, B {mb:.4g} {unit}, B/A {mb / ma:.3f}")
+f = ".3f" if unit == "us/query" else ".0f"
+print(f"median A {ma:{f}} {unit}, B {mb:{f}} {unit}, B/A {mb / ma:.3f}")
 EOF
