@@ -25,6 +25,8 @@
 //! - [`proxy`]: TCP (splice) and UDP proxying.
 //! - [`udpio`]: batched UDP socket I/O (`recvmmsg`/`sendmmsg`, READABLE-only registration for
 //!   the UDP proxy, a blocking batch receive for the DNS server's worker threads).
+//! - [`tcpio`]: TCP reads and writes as direct system calls (no glibc cancellation-point
+//!   wrappers), for the L4 copy, the HTTP/1.1 engines and the transport under TLS.
 //! - [`http`]: L7 entrypoints and routers; plain HTTP/1.1 on its own byte-level engine
 //!   ([`http::fast1`]), HTTP/2 on its own connection loop over the `h2` crate
 //!   ([`http::h2server`]), the rest (HTTP/1.1 over TLS, upgrades) served by hyper; bodyless
@@ -60,4 +62,5 @@ pub mod server;
 pub mod stats;
 pub mod stop;
 pub mod table;
+pub mod tcpio;
 pub mod udpio;

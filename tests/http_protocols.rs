@@ -285,8 +285,15 @@ async fn h2_client_to_http1_upstream_streams_and_reuses() {
     let (st, headers, body) = send(&h2, get(&proxy.url("/h"), "named.example")).await;
     assert_eq!(st, 200);
     assert!(body.starts_with("named\nGET /h HTTP/1.1\n"), "{body}");
-    assert!(body.contains("host: named.example\n"), "{body}");
+    // A plain HTTP/2 request: Host from :authority once, and every forwarding header.
+    assert_eq!(body.matches("\nhost: named.example\n").count(), 1, "{body}");
     assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    assert!(body.contains("x-forwarded-proto: http\n"), "{body}");
+    assert!(body.contains("x-forwarded-host: named.example\n"), "{body}");
+    assert!(
+        body.contains("forwarded: for=127.0.0.1;proto=http;host=\"named.example\"\n"),
+        "{body}"
+    );
     assert_eq!(headers["x-backend"], "named");
     assert!(headers.get("x-private").is_none() && headers.get("keep-alive").is_none());
 }

@@ -54,16 +54,31 @@ run() { # port seconds -> req/s (dns: server CPU us per answered query)
   fi
 }
 run $((P+2)) 1 >/dev/null; run $((P+3)) 1 >/dev/null
-ra=(); rb=()
+ra=(); rb=(); ca=(); cb=()
+# One round of PORT's proxy (PID) for SECS: the rate, and (except dns) the proxy's CPU µs per
+# request from its utime+stime over the round; steadier than req/s on a machine whose speed
+# drifts between rounds.
+round_of() { # port pid -> "rate cpu"
+  local t0 t1 v; t0=$(ticks "$2"); v=$(run "$1" "$SECS"); t1=$(ticks "$2")
+  if [ "$MODE" = dns ]; then echo "$v $v"; else
+    python3 -c "v=float('${v:-0}' or 0); print('$v', round(($t1-$t0)*1e4/(v*$SECS), 2) if v else 0)"; fi
+}
 for r in $(seq "$ROUNDS"); do
-  a=$(run $((P+2)) "$SECS"); b=$(run $((P+3)) "$SECS")
-  echo "round $r: A $a $UNIT, B $b $UNIT"
-  ra+=("$a"); rb+=("$b")
+  read -r a cpa <<<"$(round_of $((P+2)) "$PA")"; read -r b cpb <<<"$(round_of $((P+3)) "$PB")"
+  if [ "$MODE" = dns ]; then echo "round $r: A $a $UNIT, B $b $UNIT"
+  else echo "round $r: A $a $UNIT ($cpa us/req), B $b $UNIT ($cpb us/req)"; fi
+  ra+=("$a"); rb+=("$b"); ca+=("$cpa"); cb+=("$cpb")
 done
-python3 - "${ra[*]}" "${rb[*]}" "$UNIT" <<'EOF'
+python3 - "${ra[*]}" "${rb[*]}" "$UNIT" "${ca[*]}" "${cb[*]}" <<'EOF2'
 import sys, statistics
 a = [float(x) for x in sys.argv[1].split()]; b = [float(x) for x in sys.argv[2].split()]
 ma, mb, unit = statistics.median(a), statistics.median(b), sys.argv[3]
 f = ".3f" if unit == "us/query" else ".0f"
 print(f"median A {ma:{f}} {unit}, B {mb:{f}} {unit}, B/A {mb / ma:.3f}")
-EOF
+if unit != "us/query":
+    ca = [float(x) for x in sys.argv[4].split()]; cb = [float(x) for x in sys.argv[5].split()]
+    pairs = sorted(y / x for x, y in zip(ca, cb) if x)
+    print(f"proxy CPU us/req: median A {statistics.median(ca):.2f}, B {statistics.median(cb):.2f}, "
+          f"B/A {statistics.median(cb) / statistics.median(ca):.3f}; per-round B/A median "
+          f"{statistics.median(pairs):.3f} (range {pairs[0]:.3f}-{pairs[-1]:.3f})")
+EOF2

@@ -33,7 +33,8 @@ use super::accesslog::{unix_ms, AccessRecord};
 use super::error::{is_idempotent, ProxyError};
 use super::h1pool::{idle_or_connect, Reusable};
 use super::h1wire::{
-    eq, parse_len, put_header, tokens, BadChunk, BodyLeft, Framing, ResponseFraming,
+    eq, header_slots, parse_len, parse_response_head, put_header, tokens, BadChunk, BodyLeft,
+    Framing, ResponseFraming,
 };
 use super::proxy::{within, ConnState};
 use super::router::Target;
@@ -349,14 +350,19 @@ fn one_request<'a>(
     deadline: Instant,
 ) -> impl std::future::Future<Output = Next> + Send + 'a {
     async move {
-        let started_ns = clock::now_ns();
+        // Only the access log reads the request's start.
+        let started_ns = if conn.ctx.access_log.is_some() {
+            clock::now_ns()
+        } else {
+            0
+        };
         let parsed = match tokio::time::timeout_at(deadline, next_request(conn, c)).await {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) | Ok(Err(_)) => return Next::Close,
             Err(_) => {
                 // Answer only a client that started a request (as the hyper path does).
                 if !c.pending().is_empty() {
-                    let _ = c.stream.write_all(super::server::RESPONSE_408).await;
+                    let _ = crate::tcpio::write_all(&c.stream, super::server::RESPONSE_408).await;
                 }
                 tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, "request head timed out");
                 return Next::Close;
@@ -465,10 +471,10 @@ impl<'a> Named<'a> {
 /// Parse one request head at the start of `data`; on success its new head is in `out`.
 fn parse_request(conn: &ConnState, data: &[u8], out: &mut Vec<u8>) -> Parsed {
     let bad = Parsed::Reject(StatusCode::BAD_REQUEST, "400 bad request\n");
-    let mut headers = [httparse::EMPTY_HEADER; MAX_PARSED_HEADERS];
+    let mut headers = header_slots::<MAX_PARSED_HEADERS>();
     let limit = conn.settings.max_headers.min(MAX_PARSED_HEADERS);
-    let mut req = httparse::Request::new(&mut headers[..limit]);
-    let head_len = match req.parse(data) {
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(data, &mut headers[..limit]) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(httparse::Error::TooManyHeaders) if conn.settings.max_headers > limit => {
@@ -696,9 +702,9 @@ fn parse_response(
     close_client: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<Response>, ProxyError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_PARSED_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(data) {
+    let mut headers = header_slots::<MAX_PARSED_HEADERS>();
+    let (parsed, resp) = parse_response_head(data, &mut headers);
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if data.len() < MAX_RESPONSE_HEAD => return Ok(None),
         _ => return Err(ProxyError::UpstreamProtocol),
@@ -863,7 +869,7 @@ fn exchange<'a>(
             let body_start = b.pos + req.head_len;
             b.out
                 .extend_from_slice(&b.buf[body_start..body_start + buffered]);
-            let written = up.write_all(&b.out).await;
+            let written = crate::tcpio::write_all(&up, &b.out).await;
             b.out.truncate(head_end);
             if written.is_err() {
                 // Nothing reached the endpoint: a stale pooled connection is replaced once by a
@@ -891,6 +897,7 @@ fn exchange<'a>(
                     head_request,
                     close_client,
                     spec.timeouts.response,
+                    sent_ns,
                     &mut interim_sent,
                 )
                 .await
@@ -969,7 +976,7 @@ fn exchange<'a>(
 }
 
 /// Read the response head (forwarding interim 1xx heads to the client), bounded by the
-/// response timeout. The final head, rewritten, is in `out`; its body's first bytes follow
+/// response timeout counted from `sent_ns`. The final head, rewritten, is in `out`; its body's first bytes follow
 /// the head in `ubuf`.
 #[allow(clippy::too_many_arguments)]
 async fn read_response_head<W>(
@@ -980,6 +987,7 @@ async fn read_response_head<W>(
     head_request: bool,
     close_client: bool,
     timeout: Option<std::time::Duration>,
+    sent_ns: u64,
     interim_sent: &mut bool,
 ) -> Result<Response, ProxyError>
 where
@@ -1012,7 +1020,7 @@ where
             }
         }
     };
-    within(timeout, fut).await
+    within(timeout, sent_ns, fut).await
 }
 
 /// Stream the rest of a request body from the client while waiting for the response head.
@@ -1071,6 +1079,7 @@ async fn stream_body_then_head(
         head_request,
         close_client,
         req.target.service.spec.timeouts.response,
+        clock::now_ns(),
         &mut interim_sent,
     );
     tokio::pin!(send);
@@ -1110,7 +1119,7 @@ async fn relay_response(up: &mut TcpStream, c: &mut Client, resp: &Response) -> 
     let (stream, b) = c.parts();
     b.out
         .extend_from_slice(&b.ubuf[resp.head_len..resp.head_len + n]);
-    if stream.write_all(&b.out).await.is_err() {
+    if crate::tcpio::write_all(stream, &b.out).await.is_err() {
         return (0, false, false);
     }
     let mut sent = n as u64;
@@ -1128,7 +1137,7 @@ async fn relay_response(up: &mut TcpStream, c: &mut Client, resp: &Response) -> 
             Ok(t) => t,
             Err(BadChunk) => return (sent, false, false),
         };
-        if stream.write_all(&b.ubuf[..n]).await.is_err() {
+        if crate::tcpio::write_all(stream, &b.ubuf[..n]).await.is_err() {
             return (sent, false, false);
         }
         sent += n as u64;
@@ -1173,7 +1182,7 @@ async fn write_local(
     }
     head.extend_from_slice(b"\r\n\r\n");
     head.extend_from_slice(body.as_bytes());
-    c.stream.write_all(&head).await
+    crate::tcpio::write_all(&c.stream, &head).await
 }
 
 /// The client stream with the bytes already read put back in front, for hyper.

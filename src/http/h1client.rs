@@ -26,14 +26,15 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::error::{is_idempotent, ProxyError};
 use super::h1pool::{idle_or_connect, EndpointPools, Idle};
 use super::h1wire::{
-    eq, put_header, tokens, Chunked, Decoded, Framing, ResponseFraming, MAX_CHUNK_META,
+    eq, header_slots, parse_response_head, put_header, tokens, Chunked, Decoded, Framing,
+    ResponseFraming, MAX_CHUNK_META,
 };
+use super::headers::{write_forwarding, ForwardInfo};
 use crate::proxy::copy::bufs::{self, BUF_SIZE};
 use crate::proxy::copy::{poll_read_some, read_some};
 
@@ -49,22 +50,26 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// A pooled connection found closed when it is written to, or that closes before any response
 /// byte for an idempotent request, is replaced once by a new connection to the same endpoint.
+///
+/// With `forwarding`, the request's headers are plain (`headers::is_plain`) and this hop's
+/// forwarding headers (and `Host`, for an HTTP/2 request) are written after them.
 pub(crate) async fn send(
     pools: &EndpointPools<TcpStream>,
     addr: SocketAddr,
     connect_timeout: Duration,
     req: &http::request::Parts,
+    forwarding: Option<Forwarding<'_>>,
 ) -> Result<Response<RawBody>, ProxyError> {
     let mut buf = bufs::take();
-    write_head(req, &mut buf);
+    write_head(req, forwarding, &mut buf);
     let idle = pools.idle(addr);
     let mut fresh = false;
     let result = loop {
-        let (mut up, reused) = match idle_or_connect(&idle, fresh, addr, connect_timeout).await {
+        let (up, reused) = match idle_or_connect(&idle, fresh, addr, connect_timeout).await {
             Ok(c) => c,
             Err(e) => break Err(e),
         };
-        if up.write_all(&buf).await.is_err() {
+        if crate::tcpio::write_all(&up, &buf).await.is_err() {
             if reused {
                 fresh = true;
                 continue;
@@ -77,7 +82,7 @@ pub(crate) async fn send(
             Err(Failed::Silent) if reused && is_idempotent(&req.method) => {
                 // An idle connection closed just as it was reused: once, on a new one.
                 fresh = true;
-                write_head(req, &mut buf);
+                write_head(req, forwarding, &mut buf);
             }
             Err(Failed::Silent) => break Err(ProxyError::ResetBeforeResponse),
             Err(Failed::Error(e)) => break Err(e),
@@ -100,8 +105,31 @@ pub(crate) async fn send(
     Ok(resp)
 }
 
-/// `METHOD target HTTP/1.1`, the headers, and `content-length: 0` where a body is expected.
-fn write_head(req: &http::request::Parts, out: &mut Vec<u8>) {
+/// A response header that never leaves its hop (RFC 9110 §7.6.1, and `Proxy-Connection`).
+fn is_hop_by_hop(name: &str) -> bool {
+    match name.len() {
+        10 => eq(name, "connection") || eq(name, "keep-alive"),
+        16 => eq(name, "proxy-connection"),
+        17 => eq(name, "transfer-encoding"),
+        2 => eq(name, "te"),
+        7 => eq(name, "trailer") || eq(name, "upgrade"),
+        _ => false,
+    }
+}
+
+/// This hop's additions to a plain request (see [`send`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Forwarding<'a> {
+    pub info: &'a ForwardInfo,
+    /// The request's host (its `Host` header, or an HTTP/2 request's `:authority`).
+    pub host: Option<&'a HeaderValue>,
+    /// Whether to write `host` as the `Host` header (the request's map has none).
+    pub host_line: bool,
+}
+
+/// `METHOD target HTTP/1.1`, the headers, and `content-length: 0` where a body is expected;
+/// then `forwarding`'s lines.
+fn write_head(req: &http::request::Parts, forwarding: Option<Forwarding<'_>>, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
@@ -119,6 +147,12 @@ fn write_head(req: &http::request::Parts, out: &mut Vec<u8>) {
     }
     if declared || matches!(req.method, Method::POST | Method::PUT | Method::PATCH) {
         out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    if let Some(f) = forwarding {
+        if let (true, Some(host)) = (f.host_line, f.host) {
+            put_header(out, b"host", host.as_bytes());
+        }
+        write_forwarding(out, f.info, f.host.map(HeaderValue::as_bytes));
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -172,9 +206,9 @@ fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyErro
     if data.is_empty() {
         return Ok(None);
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(data) {
+    let mut headers = header_slots::<MAX_RESPONSE_HEADERS>();
+    let (parsed, resp) = parse_response_head(data, &mut headers);
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(ProxyError::UpstreamProtocol),
@@ -189,15 +223,23 @@ fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyErro
     }
     let mut framing = ResponseFraming::default();
     let mut reusable = version == 1;
+    // Names the `Connection` header lists are hop-by-hop too (RFC 9110 §7.6.1); as in
+    // `headers::strip_hop_by_hop`, up to 8 of them.
+    let mut listed: [&[u8]; 8] = [&[]; 8];
+    let mut n_listed = 0;
     for h in resp.headers.iter() {
         let framing_header = framing
             .note(h.name, h.value)
             .map_err(|_| ProxyError::UpstreamProtocol)?;
-        if !framing_header
-            && eq(h.name, "connection")
-            && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"))
-        {
-            reusable = false;
+        if !framing_header && eq(h.name, "connection") {
+            for t in tokens(h.value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    reusable = false;
+                } else if !t.eq_ignore_ascii_case(b"keep-alive") && n_listed < listed.len() {
+                    listed[n_listed] = t;
+                    n_listed += 1;
+                }
+            }
         }
     }
     let length_overridden = framing.length_overridden();
@@ -211,13 +253,23 @@ fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyErro
     };
     let raw = Bytes::copy_from_slice(&data[..head_len + body_here]);
     let mut map = HeaderMap::with_capacity(resp.headers.len());
+    let mut length_kept = false;
     for h in resp.headers.iter() {
-        if eq(h.name, "content-length")
-            && (length_overridden || map.contains_key(http::header::CONTENT_LENGTH))
+        // Hop-by-hop headers stay on this hop: the map is what the client gets.
+        if is_hop_by_hop(h.name)
+            || listed[..n_listed]
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(h.name.as_bytes()))
         {
-            // RFC 9112 §6.3: Transfer-Encoding wins, and the length is not passed on; or a
-            // repeated (equal) length.
             continue;
+        }
+        if eq(h.name, "content-length") {
+            if length_overridden || length_kept {
+                // RFC 9112 §6.3: Transfer-Encoding wins, and the length is not passed on; or
+                // a repeated (equal) length.
+                continue;
+            }
+            length_kept = true;
         }
         let name =
             HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ProxyError::UpstreamProtocol)?;
@@ -495,7 +547,7 @@ mod tests {
     use std::sync::Mutex;
 
     use http_body_util::BodyExt;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -566,12 +618,79 @@ mod tests {
         r.into_parts().0
     }
 
+    /// A plain request's head: its own headers, then Host (when the map has none, as for an
+    /// HTTP/2 request) and this hop's forwarding headers, the same ones `set_forwarding`
+    /// would have put in the map.
+    #[test]
+    fn head_with_forwarding_lines() {
+        let info = ForwardInfo::new("192.0.2.7".parse().unwrap(), true, false);
+        let mut r = http::Request::new(());
+        *r.uri_mut() = "https://svc.example/p?q=1".parse().unwrap();
+        r.headers_mut()
+            .insert("accept", HeaderValue::from_static("*/*"));
+        let req = r.into_parts().0;
+        assert!(super::super::headers::is_plain(&req.headers));
+        let host = HeaderValue::from_static("svc.example");
+        let mut out = Vec::new();
+        let f = Forwarding {
+            info: &info,
+            host: Some(&host),
+            host_line: true,
+        };
+        write_head(&req, Some(f), &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "GET /p?q=1 HTTP/1.1\r\naccept: */*\r\nhost: svc.example\r\n\
+             x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: svc.example\r\n\
+             forwarded: for=192.0.2.7;proto=https;host=\"svc.example\"\r\n\r\n"
+        );
+        // The map path's result, for the same request: the same headers.
+        let mut map = req.headers.clone();
+        super::super::headers::set_forwarding(&mut map, &info, Some(&host));
+        for (name, value) in &map {
+            let line = format!("{}: {}\r\n", name, value.to_str().unwrap());
+            assert!(
+                std::str::from_utf8(&out).unwrap().contains(&line),
+                "{line:?} missing"
+            );
+        }
+        // A request with a Host header of its own keeps it and gets no second one.
+        let mut out2 = Vec::new();
+        let f = Forwarding {
+            host_line: false,
+            ..f
+        };
+        write_head(&req, Some(f), &mut out2);
+        assert!(!std::str::from_utf8(&out2).unwrap().contains("\r\nhost: "));
+        assert!(std::str::from_utf8(&out2)
+            .unwrap()
+            .contains("x-forwarded-host: svc.example"));
+    }
+
+    /// Hop-by-hop response headers, and the names `Connection` lists, stay out of the map;
+    /// a repeated equal length is passed on once.
+    #[test]
+    fn response_map_leaves_hop_by_hop_out() {
+        let head = b"HTTP/1.1 200 OK\r\nconnection: keep-alive, x-hop\r\nkeep-alive: timeout=5\r\n\
+            x-hop: 1\r\nx-end: 2\r\ncontent-length: 2\r\ncontent-length: 2\r\n\
+            proxy-connection: close\r\ntrailer: x-t\r\nupgrade: h2c\r\n\r\nok";
+        let h = parse_head(head, false).unwrap().unwrap();
+        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-end", "content-length"]);
+        assert_eq!(h.headers.get_all("content-length").iter().count(), 1);
+        assert!(h.reusable);
+        let close = b"HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 0\r\n\r\n";
+        let h = parse_head(close, false).unwrap().unwrap();
+        assert!(!h.reusable && !h.headers.contains_key("connection"));
+    }
+
     async fn call(
         pools: &EndpointPools<TcpStream>,
         addr: SocketAddr,
         req: &http::request::Parts,
     ) -> Result<(StatusCode, HeaderMap, Bytes, Option<HeaderMap>), ProxyError> {
-        let resp = send(pools, addr, Duration::from_secs(2), req).await?;
+        let resp = send(pools, addr, Duration::from_secs(2), req, None).await?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let collected = resp.into_body().collect().await.expect("body");
@@ -614,7 +733,8 @@ mod tests {
         let (_, headers, body, trailers) = call(&pools, s.addr, &req).await.unwrap();
         assert_eq!(&body[..], b"hello world");
         assert_eq!(trailers.expect("trailers")["x-t"], "1");
-        assert!(headers.get("transfer-encoding").is_some());
+        // Decoded here; the client's side frames the body its own way.
+        assert!(headers.get("transfer-encoding").is_none());
         let (_, _, body, _) = call(&pools, s.addr, &req).await.unwrap();
         assert_eq!(&body[..], b"0123456789");
         assert_eq!(
@@ -696,7 +816,7 @@ mod tests {
             ProxyError::UpstreamProtocol
         );
         // A body cut short is an error of the body, after the head was answered.
-        let resp = send(&pools, s.addr, Duration::from_secs(2), &req)
+        let resp = send(&pools, s.addr, Duration::from_secs(2), &req, None)
             .await
             .unwrap();
         assert!(resp.into_body().collect().await.is_err());

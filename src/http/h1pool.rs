@@ -26,10 +26,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use super::error::{classify_hyper_error, ProxyError};
 use super::upstream::UpstreamBody;
+use crate::clock;
 
 /// Idle connections are closed after this long (checked lazily).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -52,7 +52,8 @@ impl Reusable for Sender {
 
 /// The idle connections of one endpoint, most recently used last.
 pub struct Idle<T> {
-    conns: Mutex<Vec<(T, Instant)>>,
+    /// Each with the time it went idle ([`clock::coarse_ms`]).
+    conns: Mutex<Vec<(T, u64)>>,
 }
 
 impl<T> Default for Idle<T> {
@@ -65,10 +66,11 @@ impl<T> Default for Idle<T> {
 
 impl<T: Reusable> Idle<T> {
     /// A usable idle connection, discarding closed and expired ones met on the way.
-    pub fn pop(&self, now: Instant) -> Option<T> {
+    /// `now_ms` is [`clock::coarse_ms`].
+    pub fn pop(&self, now_ms: u64) -> Option<T> {
         let mut conns = self.conns.lock().expect("idle list poisoned");
         while let Some((s, since)) = conns.pop() {
-            if now.saturating_duration_since(since) < IDLE_TIMEOUT && s.alive() {
+            if fresh(since, now_ms) && s.alive() {
                 return Some(s);
             }
         }
@@ -78,17 +80,22 @@ impl<T: Reusable> Idle<T> {
     pub fn push(&self, s: T) {
         let mut conns = self.conns.lock().expect("idle list poisoned");
         if conns.len() < MAX_IDLE_PER_ENDPOINT {
-            conns.push((s, Instant::now()));
+            conns.push((s, clock::coarse_ms()));
         }
     }
 
     /// Drop closed and expired connections; true when nothing is left.
-    fn sweep(&self, now: Instant) -> bool {
+    fn sweep(&self, now_ms: u64) -> bool {
         let mut conns = self.conns.lock().expect("idle list poisoned");
-        conns
-            .retain(|(s, since)| s.alive() && now.saturating_duration_since(*since) < IDLE_TIMEOUT);
+        conns.retain(|(s, since)| s.alive() && fresh(*since, now_ms));
         conns.is_empty()
     }
+}
+
+/// Whether a connection idle since `since_ms` may still be used at `now_ms`.
+#[inline]
+fn fresh(since_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(since_ms) < IDLE_TIMEOUT.as_millis() as u64
 }
 
 /// FNV-1a over the address bytes: the keys are a few thousand endpoint addresses chosen by the
@@ -146,7 +153,7 @@ impl<T: Reusable> EndpointPools<T> {
         }
         // Rare (first request to a new endpoint): also forget endpoints with nothing idle left,
         // so the map tracks the endpoints in use rather than every endpoint ever seen.
-        let now = Instant::now();
+        let now = clock::coarse_ms();
         let mut next: IdleMap<T> = current
             .iter()
             .filter(|(_, i)| Arc::strong_count(i) > 1 || !i.sweep(now))
@@ -242,7 +249,7 @@ impl H1Pool {
     ) -> Result<(Response<Incoming>, PooledConn), ProxyError> {
         let idle = self.idle(addr);
         let mut req = req;
-        if let Some(mut s) = idle.pop(Instant::now()) {
+        if let Some(mut s) = idle.pop(clock::coarse_ms()) {
             match s.try_send_request(req).await {
                 Ok(resp) => {
                     return Ok((
@@ -298,7 +305,7 @@ pub async fn idle_or_connect(
     timeout: Duration,
 ) -> Result<(TcpStream, bool), ProxyError> {
     if !fresh {
-        if let Some(s) = idle.pop(Instant::now()) {
+        if let Some(s) = idle.pop(clock::coarse_ms()) {
             return Ok((s, true));
         }
     }
@@ -408,7 +415,9 @@ mod tests {
         assert_eq!(roundtrip(&pool, addr).await.unwrap(), "ok");
         tokio::task::yield_now().await;
         let idle = pool.idle(addr);
-        assert!(idle.pop(Instant::now() + IDLE_TIMEOUT).is_none());
+        assert!(idle
+            .pop(clock::coarse_ms() + IDLE_TIMEOUT.as_millis() as u64)
+            .is_none());
         assert_eq!(roundtrip(&pool, addr).await.unwrap(), "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -443,7 +452,7 @@ mod tests {
         }
         // Whatever the drop-time waiter decides, a half-read connection never comes back.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(pool.idle(addr).pop(Instant::now()).is_none());
+        assert!(pool.idle(addr).pop(clock::coarse_ms()).is_none());
     }
 
     #[tokio::test]

@@ -310,6 +310,31 @@ fn quotable(host: &[u8]) -> bool {
     host.iter().all(|b| b.is_ascii_graphic() && *b != b'"')
 }
 
+/// Whether `headers` carry none of the headers that hygiene removes or rewrites (hop-by-hop,
+/// `Upgrade`, forwarding): such a request can go out as it is, with this hop's forwarding
+/// headers written after it ([`write_forwarding`]) instead of inserted into its map.
+pub fn is_plain(headers: &HeaderMap) -> bool {
+    presence(headers) == 0
+}
+
+/// This hop's forwarding headers as HTTP/1 header lines, for a request whose headers are plain
+/// ([`is_plain`]): the same headers [`set_forwarding`] adds to such a request's map.
+pub(crate) fn write_forwarding(out: &mut Vec<u8>, info: &ForwardInfo, host: Option<&[u8]>) {
+    out.extend_from_slice(b"x-forwarded-for: ");
+    out.extend_from_slice(info.peer_ip_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(info.proto().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if let Some(host) = host {
+        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"forwarded: ");
+    info.write_own_forwarded(host, out);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Add this hop's forwarding headers. From an untrusted peer, incoming ones are dropped first:
 /// a client must not be able to pick the address a backend logs or trusts.
 pub fn set_forwarding(headers: &mut HeaderMap, info: &ForwardInfo, host: Option<&HeaderValue>) {

@@ -25,7 +25,7 @@ use super::body::{PendingLog, ProxyBody, RequestBody};
 use super::error::{classify_client_error, ProxyError};
 use super::h1client::{self, RawBody};
 use super::h1pool::PooledConn;
-use super::headers::{set_forwarding, strip_hop_by_hop, ForwardInfo};
+use super::headers::{is_plain, set_forwarding, strip_hop_by_hop, ForwardInfo};
 use super::router::{EntrypointSettings, Target};
 use super::rule::RequestView;
 use super::upstream::UpstreamBody;
@@ -75,7 +75,12 @@ pub(crate) fn handle(
     req: Request<RequestBody>,
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
     async move {
-        let started_ns = clock::now_ns();
+        // Only the access log reads the request's start.
+        let started_ns = if conn.ctx.access_log.is_some() {
+            clock::now_ns()
+        } else {
+            0
+        };
         let mut record = conn.ctx.access_log.as_ref().map(|_| AccessRecord {
             time_ms: unix_ms(),
             client: conn.peer.ip(),
@@ -234,22 +239,32 @@ fn proxy<'a>(
             .and_then(|s| sticky_endpoint(&req, s, &target));
 
         // Request hygiene.
-        let host_header = req.headers().get(header::HOST).cloned().or_else(|| {
+        let bodyless = req.body().is_end_stream();
+        // Bodyless requests to plain HTTP/1.1 endpoints go through meshgate's own client.
+        let inline = target.protocol == HttpUpstream::Http1 && bodyless && !upgrade;
+        let host_in_map = req.headers().get(header::HOST).cloned();
+        let host_line = host_in_map.is_none();
+        let host_header = host_in_map.or_else(|| {
             req.uri()
                 .authority()
                 .and_then(|a| conn.forward.authority_value(a.as_str()))
         });
-        strip_hop_by_hop(req.headers_mut(), upgrade);
-        set_forwarding(req.headers_mut(), &conn.forward, host_header.as_ref());
-        if let Some(h) = &host_header {
-            // HTTP/2 requests carry the host in :authority; HTTP/1 upstreams need a Host header.
-            req.headers_mut()
-                .entry(header::HOST)
-                .or_insert_with(|| h.clone());
+        // The usual request has nothing to remove: its map is left alone, and meshgate's client
+        // writes the forwarding headers (and an HTTP/2 request's Host) after its head.
+        let plain = inline && is_plain(req.headers());
+        if !plain {
+            strip_hop_by_hop(req.headers_mut(), upgrade);
+            set_forwarding(req.headers_mut(), &conn.forward, host_header.as_ref());
+            if let Some(h) = &host_header {
+                // HTTP/2 requests carry the host in :authority; HTTP/1 upstreams need a Host
+                // header.
+                req.headers_mut()
+                    .entry(header::HOST)
+                    .or_insert_with(|| h.clone());
+            }
         }
         let (parts, body) = req.into_parts();
         let method = parts.method.clone();
-        let bodyless = body.is_end_stream();
         let spec = &target.service.spec;
         let max_attempts = 1 + if bodyless && !upgrade {
             spec.retries
@@ -262,8 +277,6 @@ fn proxy<'a>(
             Either::Left(body)
         });
         let mut parts = Some(parts);
-        // Bodyless requests to plain HTTP/1.1 endpoints go through meshgate's own client.
-        let inline = target.protocol == HttpUpstream::Http1 && bodyless && !upgrade;
         let pool = target.pool();
         let mut exclude = Exclude::default();
         let mut last_error = ProxyError::NoEndpoint;
@@ -294,8 +307,15 @@ fn proxy<'a>(
                     endpoint.addr,
                     spec.timeouts.connect,
                     head,
+                    plain.then_some(h1client::Forwarding {
+                        info: &conn.forward,
+                        host: host_header.as_ref(),
+                        host_line,
+                    }),
                 );
-                within(spec.timeouts.response, fut).await.map(Answer::Raw)
+                within(spec.timeouts.response, sent_ns, fut)
+                    .await
+                    .map(Answer::Raw)
             } else {
                 // The last attempt takes the head by value; earlier ones send a copy.
                 let head = if attempt + 1 == max_attempts {
@@ -326,6 +346,7 @@ fn proxy<'a>(
                         rec.upstream_us = now_ns.saturating_sub(started_ns) / 1000;
                     }
                     let mut resp = match answer {
+                        // meshgate's client left the hop-by-hop headers out of the map.
                         Answer::Raw(resp) => resp.map(|b| ProxyBody::raw(b, in_flight)),
                         Answer::Hyper(mut resp, pooled) => {
                             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -340,6 +361,7 @@ fn proxy<'a>(
                                 strip_hop_by_hop(resp.headers_mut(), true);
                                 return Ok(resp.map(|_| ProxyBody::local(Bytes::new())));
                             }
+                            strip_hop_by_hop(resp.headers_mut(), false);
                             resp.map(|b| {
                                 let mut body = ProxyBody::upstream(b, Some(in_flight));
                                 body.set_conn(pooled);
@@ -347,7 +369,6 @@ fn proxy<'a>(
                             })
                         }
                     };
-                    strip_hop_by_hop(resp.headers_mut(), false);
                     if let Some(sticky) = &target.sticky {
                         if sticky_idx != Some(idx) {
                             resp.headers_mut()
@@ -378,9 +399,12 @@ enum Answer {
     Raw(Response<RawBody>),
 }
 
-/// `fut` bounded by the service's response timeout, if it has one.
+/// `fut` bounded by the service's response timeout, if it has one, counted from `since_ns`
+/// (the process clock, [`clock::now_ns`]: the caller's timestamp of the attempt, so the
+/// deadline costs no clock read of its own).
 pub(super) fn within<T, F>(
     limit: Option<std::time::Duration>,
+    since_ns: u64,
     fut: F,
 ) -> impl std::future::Future<Output = Result<T, ProxyError>>
 where
@@ -390,7 +414,8 @@ where
     use tokio_util::either::Either;
     match limit {
         Some(limit) => Either::Left(
-            tokio::time::timeout(limit, fut).map(|r| r.unwrap_or(Err(ProxyError::ResponseTimeout))),
+            tokio::time::timeout_at((clock::instant_at_ns(since_ns) + limit).into(), fut)
+                .map(|r| r.unwrap_or(Err(ProxyError::ResponseTimeout))),
         ),
         None => Either::Right(fut),
     }
@@ -418,7 +443,7 @@ async fn send_hyper(
         }
         *out.version_mut() = Version::HTTP_11;
         let fut = conn.ctx.upstreams.h1.send(addr, spec.timeouts.connect, out);
-        return within(spec.timeouts.response, fut)
+        return within(spec.timeouts.response, clock::now_ns(), fut)
             .await
             .map(|(resp, c)| Answer::Hyper(resp, Some(c)));
     }
@@ -449,7 +474,7 @@ async fn send_hyper(
             .await
             .map_err(|e| classify_client_error(&e))
     };
-    within(spec.timeouts.response, fut)
+    within(spec.timeouts.response, clock::now_ns(), fut)
         .await
         .map(|resp| Answer::Hyper(resp, None))
 }
@@ -560,12 +585,19 @@ mod size_probe {
     #[test]
     fn request_future_stays_small() {
         let handle = size(super::handle);
-        assert!(handle <= 2048, "handle future is {handle} bytes");
+        // 2,088 B: a plain request keeps its host and this hop's forwarding inputs for
+        // meshgate's client to write (instead of four inserts into its header map).
+        assert!(handle <= 2112, "handle future is {handle} bytes");
         let pools = crate::http::h1pool::EndpointPools::default();
         let parts = http::Request::new(()).into_parts().0;
         let addr = "127.0.0.1:1".parse().unwrap();
-        let send =
-            crate::http::h1client::send(&pools, addr, std::time::Duration::from_secs(1), &parts);
+        let send = crate::http::h1client::send(
+            &pools,
+            addr,
+            std::time::Duration::from_secs(1),
+            &parts,
+            None,
+        );
         let n = std::mem::size_of_val(&send);
         assert!(n < 512, "h1client::send future is {n} bytes");
     }

@@ -30,8 +30,11 @@ pub(crate) async fn serve_tls(
     config: Arc<rustls::ServerConfig>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(conn.settings.header_read_timeout, acceptor.accept(stream))
-        .await
+    let tls = match tokio::time::timeout(
+        conn.settings.header_read_timeout,
+        acceptor.accept(crate::tcpio::RawTcp(stream)),
+    )
+    .await
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

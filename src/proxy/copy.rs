@@ -208,7 +208,7 @@ pub(crate) fn poll_read_some(
         std::task::ready!(stream.poll_read_ready(cx))?;
         let mut got = 0;
         let read = stream.try_io(Interest::READABLE, || {
-            let n = stream.try_read_buf(buf)?;
+            let n = crate::tcpio::recv_spare(stream, buf)?;
             got = n;
             if n > 0 && n < spare {
                 Err(io::ErrorKind::WouldBlock.into())
@@ -239,20 +239,6 @@ fn read_ready(s: &TcpStream) -> impl std::future::Future<Output = io::Result<()>
 /// [`read_ready`] for the write side.
 fn write_ready(s: &TcpStream) -> impl std::future::Future<Output = io::Result<()>> + '_ {
     std::future::poll_fn(move |cx| s.poll_write_ready(cx))
-}
-
-/// Write all of `data` to a shared socket reference.
-async fn write_all_to(to: &TcpStream, data: &[u8]) -> io::Result<()> {
-    let mut off = 0;
-    while off < data.len() {
-        write_ready(to).await?;
-        match to.try_write(&data[off..]) {
-            Ok(m) => off += m,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Splice pipes kept per worker thread between uses.
@@ -330,7 +316,7 @@ fn splice_one_way<'a>(
                     let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
                     return Ok(total);
                 }
-                write_all_to(to, &buf[..n]).await?;
+                crate::tcpio::write_all(to, &buf[..n]).await?;
                 bulk = n == buf.capacity();
                 bufs::give(buf);
                 total += n as u64;

@@ -1,0 +1,210 @@
+//! TCP socket I/O for the data path, as direct system calls.
+//!
+//! tokio's `TcpStream` reads and writes through std, and std through glibc's `recv` and `send`,
+//! which are thread-cancellation points: glibc switches asynchronous cancellation on and off
+//! (an atomic read-modify-write each) around every call. meshgate never cancels threads, and
+//! a proxied small message costs two receives and two sends, so here the calls are made by
+//! rustix (`linux_raw`: the `syscall` instruction, nothing around it). The sockets stay
+//! tokio's: readiness comes from its event loop, and an `EAGAIN` clears it through
+//! [`TcpStream::try_io`] as tokio's own calls do.
+//!
+//! [`RawTcp`] is a `TcpStream` whose `AsyncRead`/`AsyncWrite` use these calls: the transport
+//! under TLS (rustls reads and writes records through it) and HTTP/2.
+
+use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use rustix::net::{RecvFlags, SendFlags};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// `recv(2)` into the spare capacity of `buf` (there must be some); its length grows by what
+/// was read. A would-block is `ErrorKind::WouldBlock`: call it inside `try_io`.
+#[inline]
+pub(crate) fn recv_spare(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    debug_assert!(buf.capacity() > buf.len());
+    let (n, _) = rustix::net::recv(s, rustix::buffer::spare_capacity(buf), RecvFlags::empty())?;
+    Ok(n)
+}
+
+/// `send(2)` of `data` (no `SIGPIPE`). A would-block is `ErrorKind::WouldBlock`: call it
+/// inside `try_io`.
+#[inline]
+pub(crate) fn send(s: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    Ok(rustix::net::send(s, data, SendFlags::NOSIGNAL)?)
+}
+
+/// Write all of `data`, waiting for writability through the socket's own writer waker slot
+/// (no waiter node in the future; only one future may wait on a socket's write side).
+pub(crate) async fn write_all(to: &TcpStream, data: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < data.len() {
+        std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
+        match to.try_io(Interest::WRITABLE, || send(to, &data[off..])) {
+            Ok(m) => off += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A `TcpStream` whose `AsyncRead` and `AsyncWrite` are direct system calls.
+///
+/// A read shorter than the buffer proves the receive queue drained, so it also clears the
+/// read readiness (as tokio's own `poll_read` does): the next read waits in the event loop
+/// instead of costing a `recv` that fails with `EAGAIN`.
+#[derive(Debug)]
+pub struct RawTcp(pub TcpStream);
+
+impl AsyncRead for RawTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let s = &self.0;
+        let want = buf.remaining();
+        if want == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(s.poll_read_ready(cx))?;
+            let mut got = 0;
+            // Free after the first call: rustls reads into an initialized buffer.
+            let dst = buf.initialize_unfilled();
+            let read = s.try_io(Interest::READABLE, || {
+                got = rustix::net::recv(s, &mut *dst, RecvFlags::empty())?.0;
+                if got > 0 && got < want {
+                    // Drained: clear the readiness (tokio reads the tick before the call).
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(got)
+                }
+            });
+            match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            buf.advance(got);
+            return Poll::Ready(Ok(()));
+        }
+    }
+}
+
+impl AsyncWrite for RawTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let s = &self.0;
+        loop {
+            ready!(s.poll_write_ready(cx))?;
+            match s.try_io(Interest::WRITABLE, || send(s, data)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let s = &self.0;
+        loop {
+            ready!(s.poll_write_ready(cx))?;
+            match s.try_io(Interest::WRITABLE, || Ok(rustix::io::writev(s, bufs)?)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&self.0).shutdown(Shutdown::Write))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Bytes cross both ways through `RawTcp` (plain and vectored writes), a large write is
+    /// completed across would-blocks, and shutdown delivers EOF.
+    #[tokio::test]
+    async fn raw_tcp_moves_bytes_and_ends() {
+        let (a, b) = pair().await;
+        let (mut a, mut b) = (RawTcp(a), RawTcp(b));
+        a.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        let n = b
+            .write_vectored(&[IoSlice::new(b"ab"), IoSlice::new(b"cd")])
+            .await
+            .unwrap();
+        assert_eq!(n, 4);
+        let mut got = [0u8; 4];
+        a.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"abcd");
+        // More than the socket buffers hold: the writer must wait for the reader.
+        let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let expect = big.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&big).await.unwrap();
+            a.shutdown().await.unwrap();
+            a
+        });
+        let mut all = Vec::new();
+        b.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all.len(), expect.len());
+        assert!(all == expect);
+        drop(writer.await.unwrap());
+    }
+
+    /// `recv_spare` and `write_all` on plain tokio sockets; EOF reads 0.
+    #[tokio::test]
+    async fn recv_spare_and_write_all() {
+        async fn recv(s: &TcpStream) -> (usize, Vec<u8>) {
+            let mut buf = Vec::with_capacity(16);
+            loop {
+                s.readable().await.unwrap();
+                match s.try_io(Interest::READABLE, || recv_spare(s, &mut buf)) {
+                    Ok(n) => return (n, buf),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        let (a, b) = pair().await;
+        write_all(&a, b"xyz").await.unwrap();
+        let (n, buf) = recv(&b).await;
+        assert_eq!((n, &buf[..]), (3, &b"xyz"[..]));
+        drop(a);
+        assert_eq!(recv(&b).await.0, 0);
+    }
+}
