@@ -64,16 +64,23 @@ async fn least_conn_avoids_busy_endpoint() {
         s.write_all(b"x").await.unwrap();
         held.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mg_table = _mg.get("/api/table").await.unwrap();
-    let v: serde_json::Value = serde_json::from_str(&mg_table).unwrap();
-    let eps = &v["services"][0]["pools"][0]["endpoints"];
-    let inflight: Vec<u64> = eps
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["in_flight"].as_u64().unwrap())
-        .collect();
+    // Until all 4 are proxied (a fixed 100 ms wait was too short beside other tests).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let inflight = loop {
+        let mg_table = _mg.get("/api/table").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&mg_table).unwrap();
+        let eps = &v["services"][0]["pools"][0]["endpoints"];
+        let inflight: Vec<u64> = eps
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["in_flight"].as_u64().unwrap())
+            .collect();
+        if inflight.iter().sum::<u64>() == 4 || std::time::Instant::now() > deadline {
+            break inflight;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(inflight.iter().sum::<u64>(), 4, "{inflight:?}");
     assert_eq!(
         inflight,
