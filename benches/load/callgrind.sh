@@ -7,8 +7,9 @@
 # measures); for L4 most of the cost is the kernel's.
 # Modes: http (HTTP/1.1 keep-alive, the fast path), h2 (HTTP/2 over TLS, -m10: TLS handshakes
 # of the C connections are counted too, so keep N large), l4 (keep-alive HTTP/1.1 through an
-# L4 TCP port).
-# Needs: valgrind, nginx, h2load (nghttp2-client), openssl, curl.
+# L4 TCP port), close (a new connection per request: wrk with `Connection: close` for N
+# seconds instead of N requests, 16 connections; Ir / the requests wrk counted).
+# Needs: valgrind, nginx, h2load (nghttp2-client), wrk (close), openssl, curl.
 # Usage: benches/load/callgrind.sh MODE N BIN...   (e.g. http 30000 /tmp/mg-old target/release/meshgate)
 #        C=connections (64), KEEP=DIR keeps each callgrind.out for callgrind_annotate.
 set -u -o pipefail
@@ -25,13 +26,20 @@ lb_cert
 M=1; H1=--h1; SCHEME=http
 case $MODE in
   http) lb_config $((P+2)) http >"$TMP/m.yaml" ;;
+  close) lb_config $((P+2)) http >"$TMP/m.yaml"; command -v wrk >/dev/null || { echo "missing wrk" >&2; exit 3; } ;;
   h2) lb_config $((P+2)) https >"$TMP/m.yaml"; M=10; H1=; SCHEME=https ;;
   l4) lb_l4_config $((P+2)) >"$TMP/m.yaml" ;;
   *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
 URL="$SCHEME://127.0.0.1:$((P+2))/"
 lb_backend
-load() { # requests -> succeeded
+load() { # requests (close: seconds) -> succeeded
+  if [ "$MODE" = close ]; then
+    local secs=$1; [ "$secs" -gt 60 ] && secs=2 # the warm-up asks for 2,000 "requests"
+    taskset -c "$LOAD_CPU" wrk -t1 -c"${C:-16}" -d"${secs}s" -H "Connection: close" "$URL" |
+      awk '/ requests in / {print $1}'
+    return
+  fi
   taskset -c "$LOAD_CPU" h2load $H1 -t1 -c"${C:-64}" -m$M -n "$1" "$URL" 2>&1 |
     awk '/^requests:/ {print $8}'
 }
