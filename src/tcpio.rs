@@ -36,8 +36,61 @@ pub(crate) fn send(s: &TcpStream, data: &[u8]) -> io::Result<usize> {
     Ok(rustix::net::send(s, data, SendFlags::NOSIGNAL)?)
 }
 
+/// Receive once `s` is readable: `recv` reads up to `want` bytes and returns how many (0 =
+/// EOF).
+///
+/// A read shorter than `want` proves the receive queue drained, so it also clears the read
+/// readiness, with the readiness tick taken *before* the read, as tokio itself does on
+/// `EAGAIN` (bytes arriving meanwhile still wake the task): the next read waits in the event
+/// loop instead of costing a `recv` that fails with `EAGAIN`, one system call less per message.
+pub(crate) fn poll_recv(
+    s: &TcpStream,
+    cx: &mut Context<'_>,
+    want: usize,
+    mut recv: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(s.poll_read_ready(cx))?;
+        let mut got = 0;
+        let read = s.try_io(Interest::READABLE, || {
+            got = recv()?;
+            if got > 0 && got < want {
+                // Drained: clear the readiness.
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(got)
+            }
+        });
+        match read {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {
+                return Poll::Ready(Ok(got))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Send once `s` is writable: `send` writes and returns how many bytes went out; a
+/// would-block clears the write readiness and waits again.
+pub(crate) fn poll_send(
+    s: &TcpStream,
+    cx: &mut Context<'_>,
+    mut send: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(s.poll_write_ready(cx))?;
+        match s.try_io(Interest::WRITABLE, &mut send) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return Poll::Ready(other),
+        }
+    }
+}
+
 /// Write all of `data`, waiting for writability through the socket's own writer waker slot
-/// (no waiter node in the future; only one future may wait on a socket's write side).
+/// (no waiter node in the future; only one future may wait on a socket's write side). Kept
+/// apart from [`poll_send`]: a `poll_fn` around it makes the idle L4 pair's future larger.
 pub(crate) async fn write_all(to: &TcpStream, data: &[u8]) -> io::Result<()> {
     let mut off = 0;
     while off < data.len() {
@@ -51,11 +104,8 @@ pub(crate) async fn write_all(to: &TcpStream, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// A `TcpStream` whose `AsyncRead` and `AsyncWrite` are direct system calls.
-///
-/// A read shorter than the buffer proves the receive queue drained, so it also clears the
-/// read readiness (as tokio's own `poll_read` does): the next read waits in the event loop
-/// instead of costing a `recv` that fails with `EAGAIN`.
+/// A `TcpStream` whose `AsyncRead` and `AsyncWrite` are direct system calls; a short read
+/// clears the read readiness ([`poll_recv`]).
 #[derive(Debug)]
 pub struct RawTcp(pub TcpStream);
 
@@ -70,29 +120,13 @@ impl AsyncRead for RawTcp {
         if want == 0 {
             return Poll::Ready(Ok(()));
         }
-        loop {
-            ready!(s.poll_read_ready(cx))?;
-            let mut got = 0;
-            // Free after the first call: rustls reads into an initialized buffer.
-            let dst = buf.initialize_unfilled();
-            let read = s.try_io(Interest::READABLE, || {
-                got = rustix::net::recv(s, &mut *dst, RecvFlags::empty())?.0;
-                if got > 0 && got < want {
-                    // Drained: clear the readiness (tokio reads the tick before the call).
-                    Err(io::ErrorKind::WouldBlock.into())
-                } else {
-                    Ok(got)
-                }
-            });
-            match read {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-            buf.advance(got);
-            return Poll::Ready(Ok(()));
-        }
+        // Free after the first call: rustls reads into an initialized buffer.
+        let dst = buf.initialize_unfilled();
+        let got = ready!(poll_recv(s, cx, want, || {
+            Ok(rustix::net::recv(s, &mut *dst, RecvFlags::empty())?.0)
+        }))?;
+        buf.advance(got);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -102,14 +136,7 @@ impl AsyncWrite for RawTcp {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let s = &self.0;
-        loop {
-            ready!(s.poll_write_ready(cx))?;
-            match s.try_io(Interest::WRITABLE, || send(s, data)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
-        }
+        poll_send(&self.0, cx, || send(&self.0, data))
     }
 
     fn poll_write_vectored(
@@ -117,14 +144,7 @@ impl AsyncWrite for RawTcp {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let s = &self.0;
-        loop {
-            ready!(s.poll_write_ready(cx))?;
-            match s.try_io(Interest::WRITABLE, || Ok(rustix::io::writev(s, bufs)?)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
-        }
+        poll_send(&self.0, cx, || Ok(rustix::io::writev(&self.0, bufs)?))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -36,6 +36,7 @@ use super::h1wire::{
     eq, header_slots, parse_len, parse_response_head, put_header, tokens, BadChunk, BodyLeft,
     Framing, ResponseFraming,
 };
+use super::headers::{write_forwarding, Prior};
 use super::proxy::{within, ConnState};
 use super::router::Target;
 use super::rule::RequestView;
@@ -369,12 +370,7 @@ fn one_request<'a>(
     deadline: Instant,
 ) -> impl std::future::Future<Output = Next> + Send + 'a {
     async move {
-        // Only the access log reads the request's start.
-        let started_ns = if conn.ctx.access_log.is_some() {
-            clock::now_ns()
-        } else {
-            0
-        };
+        let started_ns = conn.log_start_ns();
         let parsed = match tokio::time::timeout_at(deadline, next_request(conn, c)).await {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) | Ok(Err(_)) => return Next::Close,
@@ -658,34 +654,18 @@ fn parse_request(conn: &ConnState, data: &[u8], out: &mut Vec<u8>) -> Parsed {
         out.extend_from_slice(b"te: trailers\r\n");
     }
     // X-Forwarded-For / Forwarded: previous hops (trusted peers only) first, then this one.
-    out.extend_from_slice(b"x-forwarded-for: ");
-    if trusted {
-        for h in req.headers.iter().filter(|h| eq(h.name, "x-forwarded-for")) {
+    let values = |name: &str, out: &mut Vec<u8>| {
+        for h in req.headers.iter().filter(|h| eq(h.name, name)) {
             out.extend_from_slice(h.value);
             out.extend_from_slice(b", ");
         }
-    }
-    out.extend_from_slice(conn.forward.peer_ip_bytes());
-    out.extend_from_slice(b"\r\n");
-    if !(trusted && has_xfp) {
-        out.extend_from_slice(b"x-forwarded-proto: ");
-        out.extend_from_slice(conn.forward.proto().as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !(trusted && has_xfh) {
-        out.extend_from_slice(b"x-forwarded-host: ");
-        out.extend_from_slice(host_raw);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"forwarded: ");
-    if trusted {
-        for h in req.headers.iter().filter(|h| eq(h.name, "forwarded")) {
-            out.extend_from_slice(h.value);
-            out.extend_from_slice(b", ");
-        }
-    }
-    conn.forward.write_own_forwarded(Some(host_raw), out);
-    out.extend_from_slice(b"\r\n");
+    };
+    let prior = trusted.then_some(Prior {
+        values: &values,
+        has_proto: has_xfp,
+        has_host: has_xfh,
+    });
+    write_forwarding(out, &conn.forward, Some(host_raw), prior.as_ref());
     out.extend_from_slice(b"\r\n");
 
     let record = record(Some(router), Some(Arc::clone(&target.service.name)));
@@ -995,8 +975,8 @@ fn exchange<'a>(
 }
 
 /// Read the response head (forwarding interim 1xx heads to the client), bounded by the
-/// response timeout counted from `sent_ns`. The final head, rewritten, is in `out`; its body's first bytes follow
-/// the head in `ubuf`.
+/// response timeout counted from `sent_ns`. The final head, rewritten, is in `out`; its body's
+/// first bytes follow the head in `ubuf`.
 #[allow(clippy::too_many_arguments)]
 async fn read_response_head<W>(
     up: &TcpStream,

@@ -152,7 +152,7 @@ fn write_head(req: &http::request::Parts, forwarding: Option<Forwarding<'_>>, ou
         if let (true, Some(host)) = (f.host_line, f.host) {
             put_header(out, b"host", host.as_bytes());
         }
-        write_forwarding(out, f.info, f.host.map(HeaderValue::as_bytes));
+        write_forwarding(out, f.info, f.host.map(HeaderValue::as_bytes), None);
     }
     out.extend_from_slice(b"\r\n");
 }

@@ -286,7 +286,6 @@ pub(crate) fn parse_len(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-/// Append `name: value\r\n`.
 /// Header slots for httparse, left uninitialized: it writes only the slots it fills (zeroing
 /// 128 of them was 4 KiB of stores per head).
 pub(crate) fn header_slots<'b, const N: usize>() -> [MaybeUninit<httparse::Header<'b>>; N] {
@@ -304,6 +303,7 @@ pub(crate) fn parse_response_head<'h, 'b>(
     (parsed, resp)
 }
 
+/// Append `name: value\r\n`.
 pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");

@@ -317,20 +317,46 @@ pub fn is_plain(headers: &HeaderMap) -> bool {
     presence(headers) == 0
 }
 
-/// This hop's forwarding headers as HTTP/1 header lines, for a request whose headers are plain
-/// ([`is_plain`]): the same headers [`set_forwarding`] adds to such a request's map.
-pub(crate) fn write_forwarding(out: &mut Vec<u8>, info: &ForwardInfo, host: Option<&[u8]>) {
+/// A trusted peer's own forwarding headers, which this hop keeps ([`write_forwarding`]).
+pub(crate) struct Prior<'a> {
+    /// Writes the peer's values of the named header (`x-forwarded-for`, `forwarded`), each
+    /// followed by `, `: the earlier hops, before this one's element.
+    pub values: &'a dyn Fn(&str, &mut Vec<u8>),
+    /// The peer sent `X-Forwarded-Proto` / `X-Forwarded-Host`: passed on as they are, none
+    /// written here.
+    pub has_proto: bool,
+    pub has_host: bool,
+}
+
+/// This hop's forwarding headers as HTTP/1 header lines, after a request head whose own
+/// forwarding headers were left out, except a trusted peer's (`prior`): the same headers
+/// [`set_forwarding`] makes in a header map.
+pub(crate) fn write_forwarding(
+    out: &mut Vec<u8>,
+    info: &ForwardInfo,
+    host: Option<&[u8]>,
+    prior: Option<&Prior<'_>>,
+) {
     out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(p) = prior {
+        (p.values)("x-forwarded-for", out);
+    }
     out.extend_from_slice(info.peer_ip_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
-    out.extend_from_slice(info.proto().as_bytes());
     out.extend_from_slice(b"\r\n");
-    if let Some(host) = host {
+    if !prior.is_some_and(|p| p.has_proto) {
+        out.extend_from_slice(b"x-forwarded-proto: ");
+        out.extend_from_slice(info.proto().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let (Some(host), false) = (host, prior.is_some_and(|p| p.has_host)) {
         out.extend_from_slice(b"x-forwarded-host: ");
         out.extend_from_slice(host);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"forwarded: ");
+    if let Some(p) = prior {
+        (p.values)("forwarded", out);
+    }
     info.write_own_forwarded(host, out);
     out.extend_from_slice(b"\r\n");
 }

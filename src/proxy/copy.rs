@@ -185,13 +185,8 @@ pub(crate) mod bufs {
     }
 }
 
-/// Read into the spare capacity of `buf` (there must be some); 0 = EOF.
-///
-/// A short read means the socket's receive queue was empty when read. The read then also
-/// clears tokio's cached read readiness, with the readiness tick taken *before* the read, as
-/// tokio itself does on `EAGAIN`, so bytes arriving meanwhile still wake the task. The next
-/// wait then goes straight to epoll instead of first costing a `recv` that returns `EAGAIN`:
-/// one syscall less per message.
+/// Read into the spare capacity of `buf` (there must be some); 0 = EOF. A short read clears
+/// the read readiness ([`crate::tcpio::poll_recv`]): one syscall less per message.
 pub(crate) async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     std::future::poll_fn(|cx| poll_read_some(stream, cx, buf)).await
 }
@@ -204,28 +199,7 @@ pub(crate) fn poll_read_some(
 ) -> Poll<io::Result<usize>> {
     let spare = buf.capacity() - buf.len();
     debug_assert!(spare > 0);
-    loop {
-        std::task::ready!(stream.poll_read_ready(cx))?;
-        let mut got = 0;
-        let read = stream.try_io(Interest::READABLE, || {
-            let n = crate::tcpio::recv_spare(stream, buf)?;
-            got = n;
-            if n > 0 && n < spare {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(n)
-            }
-        });
-        match read {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if got > 0 {
-                    return Poll::Ready(Ok(got));
-                }
-            }
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
+    crate::tcpio::poll_recv(stream, cx, spare, || crate::tcpio::recv_spare(stream, buf))
 }
 
 /// Wait until `s` is readable, through the socket's own reader waker slot: no waiter node in
