@@ -40,6 +40,7 @@ use super::headers::{write_forwarding, Prior};
 use super::proxy::ConnState;
 use super::router::Target;
 use super::rule::RequestView;
+use super::timers::within;
 use crate::balance::Exclude;
 use crate::clock;
 use crate::model::HttpUpstream;
@@ -380,76 +381,6 @@ impl std::future::Future for Idle<'_> {
         }
         this.sleep.poll(cx).map(|()| (Woke::TimedOut, deadline))
     }
-}
-
-/// Response timers kept per worker thread.
-///
-/// A timer stays registered with tokio's timer wheel when it is given back, so reusing it for a
-/// later deadline is one atomic update, where a new timer per response cost an insertion and a
-/// removal under the wheel's lock. (Deadlines are one response timeout after the attempt, so a
-/// reused timer's new deadline is later than its old one unless services' timeouts differ;
-/// moving one earlier takes the lock again.) A pooled timer whose old deadline passes unused
-/// wakes the task that polled it last once: a spurious wake-up, answered with `Pending`.
-mod timers {
-    use std::cell::RefCell;
-    use std::pin::Pin;
-    use tokio::time::{Instant, Sleep};
-
-    /// About 14 KiB per thread.
-    const POOL_MAX: usize = 128;
-
-    thread_local! {
-        static POOL: RefCell<Vec<Pin<Box<Sleep>>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// A timer taken from the pool, given back when dropped.
-    pub(super) struct Pooled(Option<Pin<Box<Sleep>>>);
-
-    impl Pooled {
-        pub(super) fn new(deadline: Instant) -> Pooled {
-            let timer = match POOL.with(|p| p.borrow_mut().pop()) {
-                Some(mut t) => {
-                    t.as_mut().reset(deadline);
-                    t
-                }
-                None => Box::pin(tokio::time::sleep_until(deadline)),
-            };
-            Pooled(Some(timer))
-        }
-
-        pub(super) fn get(&mut self) -> Pin<&mut Sleep> {
-            self.0.as_mut().expect("taken until dropped").as_mut()
-        }
-    }
-
-    impl Drop for Pooled {
-        fn drop(&mut self) {
-            if let Some(t) = self.0.take() {
-                // `try_with`: a timer dropped while its thread shuts down is freed.
-                let _ = POOL.try_with(|p| {
-                    let mut p = p.borrow_mut();
-                    if p.len() < POOL_MAX {
-                        p.push(t);
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// `fut`, or `None` once `timer` fires first (it is polled only while `fut` is pending).
-async fn before<F: std::future::Future>(
-    mut timer: Pin<&mut tokio::time::Sleep>,
-    fut: F,
-) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(v));
-        }
-        std::future::Future::poll(timer.as_mut(), cx).map(|()| None)
-    })
-    .await
 }
 
 /// What the connection does after a request.
@@ -1120,17 +1051,7 @@ where
             }
         }
     };
-    // The service's response timeout from the attempt's timestamp, on a pooled timer.
-    match timeout {
-        Some(limit) => {
-            let deadline = clock::instant_at_ns(sent_ns) + limit;
-            let mut timer = timers::Pooled::new(deadline.into());
-            before(timer.get(), fut)
-                .await
-                .unwrap_or(Err(ProxyError::ResponseTimeout))
-        }
-        None => fut.await,
-    }
+    within(timeout, sent_ns, fut).await
 }
 
 /// Stream the rest of a request body from the client while waiting for the response head.
@@ -1355,33 +1276,6 @@ impl AsyncWrite for Rewind {
 
 #[cfg(test)]
 mod tests {
-    /// A pooled timer fires at its new deadline whether that is earlier than its old one (the
-    /// wheel entry is moved), later (its state is extended), or after it already fired.
-    #[tokio::test]
-    async fn pooled_timers_fire_at_their_new_deadline() {
-        use super::{before, timers::Pooled};
-        use std::time::Duration;
-        use tokio::time::Instant;
-        async fn fires_after(ms: u64) -> Duration {
-            let start = Instant::now();
-            let mut t = Pooled::new(start + Duration::from_millis(ms));
-            let fired = before(t.get(), std::future::pending::<()>());
-            let fired = tokio::time::timeout(Duration::from_secs(5), fired).await;
-            assert_eq!(fired, Ok(None), "the timer did not fire within 5 s");
-            start.elapsed()
-        }
-        // Leave a timer with a far deadline in the pool, then reuse it for a near one.
-        drop(Pooled::new(Instant::now() + Duration::from_secs(3600)));
-        let waited = fires_after(50).await;
-        assert!(waited >= Duration::from_millis(50) && waited < Duration::from_secs(5));
-        // Reused after firing, and for a later deadline.
-        let waited = fires_after(120).await;
-        assert!(waited >= Duration::from_millis(120) && waited < Duration::from_secs(5));
-        // A future that finishes first wins.
-        let mut t = Pooled::new(Instant::now() + Duration::from_secs(3600));
-        assert_eq!(before(t.get(), async { 7 }).await, Some(7));
-    }
-
     #[test]
     fn buffer_cache_grows_while_busy_and_trims_when_idle() {
         use super::bufs_cache::{keep, take, CACHE_BUSY, CACHE_IDLE};

@@ -33,6 +33,7 @@ pub mod proxy;
 pub mod router;
 pub mod rule;
 pub mod server;
+pub(crate) mod timers;
 pub mod tls;
 pub mod upstream;
 

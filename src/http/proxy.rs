@@ -28,6 +28,7 @@ use super::h1pool::PooledConn;
 use super::headers::{is_plain, set_forwarding, strip_hop_by_hop, ForwardInfo};
 use super::router::{EntrypointSettings, Target};
 use super::rule::RequestView;
+use super::timers::within;
 use super::upstream::UpstreamBody;
 use super::HttpContext;
 use crate::balance::{Exclude, PickContext};
@@ -402,28 +403,6 @@ fn proxy<'a>(
 enum Answer {
     Hyper(Response<Incoming>, Option<PooledConn>),
     Raw(Response<RawBody>),
-}
-
-/// `fut` bounded by the service's response timeout, if it has one, counted from `since_ns`
-/// (the process clock, [`clock::now_ns`]: the caller's timestamp of the attempt, so the
-/// deadline costs no clock read of its own).
-pub(super) fn within<T, F>(
-    limit: Option<std::time::Duration>,
-    since_ns: u64,
-    fut: F,
-) -> impl std::future::Future<Output = Result<T, ProxyError>>
-where
-    F: std::future::Future<Output = Result<T, ProxyError>>,
-{
-    use futures_util::FutureExt;
-    use tokio_util::either::Either;
-    match limit {
-        Some(limit) => Either::Left(
-            tokio::time::timeout_at((clock::instant_at_ns(since_ns) + limit).into(), fut)
-                .map(|r| r.unwrap_or(Err(ProxyError::ResponseTimeout))),
-        ),
-        None => Either::Right(fut),
-    }
 }
 
 /// One attempt through hyper: meshgate's HTTP/1 pool (requests with a body, upgrades), or
