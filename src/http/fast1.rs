@@ -1276,6 +1276,8 @@ impl AsyncWrite for Rewind {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn buffer_cache_grows_while_busy_and_trims_when_idle() {
         use super::bufs_cache::{keep, take, CACHE_BUSY, CACHE_IDLE};
@@ -1289,8 +1291,6 @@ mod tests {
         keep(&mut cache, take(), true);
         assert_eq!(cache.len(), CACHE_IDLE);
     }
-
-    use super::*;
 
     fn response(raw: &[u8], head: bool, close: bool) -> (Response, String) {
         let mut out = Vec::new();

@@ -28,10 +28,10 @@ thread_local! {
 }
 
 /// A timer taken from the pool, given back when dropped.
-pub(crate) struct Pooled(Option<Pin<Box<Sleep>>>);
+struct Pooled(Option<Pin<Box<Sleep>>>);
 
 impl Pooled {
-    pub(crate) fn new(deadline: Instant) -> Pooled {
+    fn new(deadline: Instant) -> Pooled {
         let timer = match POOL.with(|p| p.borrow_mut().pop()) {
             Some(mut t) => {
                 t.as_mut().reset(deadline);
@@ -42,7 +42,7 @@ impl Pooled {
         Pooled(Some(timer))
     }
 
-    pub(crate) fn get(&mut self) -> Pin<&mut Sleep> {
+    fn get(&mut self) -> Pin<&mut Sleep> {
         self.0.as_mut().expect("taken until dropped").as_mut()
     }
 }
