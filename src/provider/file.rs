@@ -65,20 +65,28 @@ pub async fn watch(path: PathBuf, tx: UpdateSender, shutdown: CancellationToken)
         return;
     }
     tracing::info!(file = %path.display(), "watching config file");
+    // The file was first read before this watch existed (at start-up, before the listeners
+    // opened): a change in between raised no event, and would be missed until the next one. So
+    // it is read once more now that the watch is in place; an unchanged file changes nothing
+    // (the control plane skips a state equal to the provider's current one).
+    let mut catch_up = true;
     loop {
-        tokio::select! {
-            ev = ev_rx.recv() => if ev.is_none() { return },
-            _ = shutdown.cancelled() => return,
+        if !catch_up {
+            tokio::select! {
+                ev = ev_rx.recv() => if ev.is_none() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            // Coalesce the burst an editor's save produces.
+            tokio::time::sleep(DEBOUNCE).await;
+            while ev_rx.try_recv().is_ok() {}
         }
-        // Coalesce the burst an editor's save produces.
-        tokio::time::sleep(DEBOUNCE).await;
-        while ev_rx.try_recv().is_ok() {}
         let event = load(&path);
         if let ProviderEvent::Error(e) = &event {
             tracing::error!(error = %e, "config reload rejected; the previous table keeps serving");
-        } else {
+        } else if !catch_up {
             tracing::info!(file = %path.display(), "config file changed, applying");
         }
+        catch_up = false;
         if tx
             .send(ProviderUpdate {
                 provider: NAME,
@@ -89,5 +97,46 @@ pub async fn watch(path: PathBuf, tx: UpdateSender, shutdown: CancellationToken)
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "services:\n  a:\n    endpoints: [\"127.0.0.1:1\"]\n";
+    const B: &str = "services:\n  b:\n    endpoints: [\"127.0.0.1:2\"]\n";
+
+    async fn next_state(rx: &mut tokio::sync::mpsc::Receiver<ProviderUpdate>) -> Vec<String> {
+        let u = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an update within 5 s")
+            .expect("the watcher is running");
+        match u.event {
+            ProviderEvent::State(s) => s.services.keys().cloned().collect(),
+            ProviderEvent::Error(e) => panic!("unexpected error: {e}"),
+        }
+    }
+
+    /// A change made after the file was first read but before the watch was set up (the
+    /// start-up window) is applied without waiting for another change; later changes follow.
+    #[tokio::test]
+    async fn a_change_before_the_watch_starts_is_not_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meshgate.yaml");
+        std::fs::write(&path, A).unwrap();
+        let first = load(&path);
+        assert!(matches!(&first, ProviderEvent::State(s) if s.services.contains_key("a")));
+        // Changed in the window: no watch yet.
+        std::fs::write(&path, B).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(watch(path.clone(), tx, stop.clone()));
+        assert_eq!(next_state(&mut rx).await, vec!["b".to_owned()]);
+        // And a change after the watch is in place is seen as before.
+        std::fs::write(&path, A).unwrap();
+        assert_eq!(next_state(&mut rx).await, vec!["a".to_owned()]);
+        stop.cancel();
+        task.await.unwrap();
     }
 }
