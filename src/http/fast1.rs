@@ -292,8 +292,8 @@ enum Parsed {
 /// Memory: an idle keep-alive connection's task is this future waiting in the idle state (read
 /// readiness and the header timer), and a task is as large as its future's largest state. So
 /// everything from the first byte of a request to the end of its response ([`one_request`]) is
-/// boxed, one allocation per request, and idle the future is a few hundred bytes (a test bounds
-/// it). The graceful stop is checked when the future is polled: [`super::serve_connection`]'s
+/// boxed, in a heap block reused per thread ([`super::reused`]: no allocation per request), and
+/// idle the future is a few hundred bytes (a test bounds it). The graceful stop is checked when the future is polled: [`super::serve_connection`]'s
 /// future polls it when `conn.shutdown` fires, and an idle connection then closes.
 ///
 /// A function returning an `async move` block, not an `async fn`: rustc stores an `async fn`'s
@@ -322,7 +322,7 @@ pub(crate) fn serve(
             } else {
                 Instant::now() + conn.settings.header_read_timeout
             };
-            match Box::pin(one_request(&conn, &mut c, deadline)).await {
+            match super::reused::ReusedBox::new(one_request(&conn, &mut c, deadline)).await {
                 Next::KeepAlive => {}
                 Next::Close => return,
                 Next::H2 => {
@@ -1371,8 +1371,8 @@ mod size_probe {
         assert!(n <= 200, "fast1::serve future is {n} bytes");
     }
 
-    /// Each request's future is boxed; within 1,024 bytes glibc serves the box from its
-    /// per-thread cache (tcache) instead of its bins.
+    /// Each request's future lives in a heap block kept per thread ([`crate::http::reused`],
+    /// up to 64 of them): 1 KiB at most keeps that cache at 64 KiB per worker.
     #[test]
     fn request_future_fits_malloc_thread_cache() {
         let n = crate::http::future_size3(super::one_request);

@@ -30,6 +30,7 @@ pub mod h2server;
 pub mod headers;
 pub mod passthrough;
 pub mod proxy;
+pub(crate) mod reused;
 pub mod router;
 pub mod rule;
 pub mod server;
