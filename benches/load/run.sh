@@ -759,5 +759,39 @@ for sc, tgs in data.items():
         rd = ("%.2f" % (m / med["direct"])) if med.get("direct") else ""
         print("| %s | %s | %.6g | %s | %s | %s | %s | %s | %s |" % (sc, t, m, units.get(sc, ""),
               ("%.2f" % p99) if p99 else "", exs, rh, rd, ",".join("%.6g" % v[0] for v in vs)))
+
+# Paired by round: meshgate against each other server measured in the same round (A B C, A B C
+# ...), so that a machine whose speed drifts between rounds moves both sides of each ratio. A
+# median of per-round ratios, its range, and in how many rounds meshgate was ahead say more
+# about "one run" than the ratio of two medians above when rounds swing.
+lower_better = {"mem-http", "mem-tcp"}
+by_round = collections.OrderedDict()
+for sc, tg, rnd, val, p99, extra in rows:
+    by_round.setdefault(sc, collections.OrderedDict()).setdefault(tg, {})[rnd] = (float(val), float(p99))
+paired = []
+for sc, tgs in by_round.items():
+    mg = tgs.get("meshgate")
+    if not mg:
+        continue
+    for t, rs in tgs.items():
+        if t in ("meshgate", "direct"):
+            continue
+        common = [r for r in mg if r in rs and rs[r][0] > 0 and mg[r][0] > 0]
+        if not common:
+            continue
+        ratios = [mg[r][0] / rs[r][0] for r in common]
+        ahead = sum(1 for x in ratios if (x <= 1 if sc in lower_better else x >= 1))
+        p99s = [mg[r][1] / rs[r][1] for r in common if mg[r][1] > 0 and rs[r][1] > 0]
+        p99txt = ("%.2f (%.2f–%.2f), lower or equal in %d/%d" % (statistics.median(p99s), min(p99s),
+                  max(p99s), sum(1 for x in p99s if x <= 1), len(p99s))) if p99s else ""
+        paired.append("| %s | %s | %.2f | %.2f–%.2f | %d/%d | %s |" % (sc, t, statistics.median(ratios),
+                      min(ratios), max(ratios), ahead, len(ratios), p99txt))
+if paired:
+    print()
+    print("Paired by round (meshgate ÷ other, same round; for memory lower is better):")
+    print()
+    print("| scenario | vs | median ratio | range | meshgate ahead | p99 ratio (range), meshgate's lower or equal |")
+    print("|---|---|---:|---|---:|---|")
+    print("\n".join(paired))
 EOF
 } | tee ${OUT:+"$OUT"}
