@@ -186,6 +186,28 @@ pub struct ForwardInfo {
 /// Longest IP text: eight groups of four hex digits and seven colons.
 const IP_TEXT_MAX: usize = 39;
 
+/// `a.b.c.d` into `out` (at least 15 bytes), as `Ipv4Addr`'s `Display` writes it; its length.
+fn ipv4_text(octets: [u8; 4], out: &mut [u8]) -> usize {
+    let mut n = 0;
+    for (i, o) in octets.into_iter().enumerate() {
+        if i > 0 {
+            out[n] = b'.';
+            n += 1;
+        }
+        if o >= 100 {
+            out[n] = b'0' + o / 100;
+            n += 1;
+        }
+        if o >= 10 {
+            out[n] = b'0' + o / 10 % 10;
+            n += 1;
+        }
+        out[n] = b'0' + o % 10;
+        n += 1;
+    }
+    n
+}
+
 #[derive(Debug)]
 struct HyperValues {
     peer_ip: HeaderValue,
@@ -202,9 +224,16 @@ impl ForwardInfo {
         use std::io::Write;
         let peer = peer.to_canonical();
         let mut ip = [0u8; IP_TEXT_MAX];
-        let mut cursor = &mut ip[..];
-        write!(cursor, "{peer}").expect("an IP's text fits in 39 bytes");
-        let ip_len = (IP_TEXT_MAX - cursor.len()) as u8;
+        let ip_len = match peer {
+            // Once per connection: `fmt` spent ~500 instructions on four octets, 3 % of a
+            // new connection per request's user time.
+            IpAddr::V4(v4) => ipv4_text(v4.octets(), &mut ip),
+            IpAddr::V6(_) => {
+                let mut cursor = &mut ip[..];
+                write!(cursor, "{peer}").expect("an IP's text fits in 39 bytes");
+                IP_TEXT_MAX - cursor.len()
+            }
+        } as u8;
         ForwardInfo {
             ip,
             ip_len,
@@ -560,5 +589,23 @@ mod tests {
         ] {
             assert!(h.get(gone).is_none(), "{gone} kept");
         }
+    }
+
+    #[test]
+    fn ipv4_text_matches_display() {
+        let mut buf = [0u8; 15];
+        for a in [0u8, 1, 9, 10, 99, 100, 199, 200, 255] {
+            for o in 0..=255u8 {
+                for octets in [[o, a, a, a], [a, o, a, a], [a, a, o, a], [a, a, a, o]] {
+                    let n = ipv4_text(octets, &mut buf);
+                    let want = std::net::Ipv4Addr::from(octets).to_string();
+                    assert_eq!(&buf[..n], want.as_bytes());
+                }
+            }
+        }
+        let info = ForwardInfo::new("::ffff:10.20.30.40".parse().unwrap(), false, false);
+        assert_eq!(info.peer_ip_bytes(), b"10.20.30.40");
+        let info = ForwardInfo::new("2001:db8::7".parse().unwrap(), false, false);
+        assert_eq!(info.peer_ip_bytes(), b"2001:db8::7");
     }
 }
