@@ -38,9 +38,12 @@
 //!
 //! Shared: [`stats`] (per-endpoint atomics that survive table swaps), [`clock`], [`metrics`],
 //! [`admin`] (admin API + Prometheus), [`echo`] (the project's own test backend), [`memtrim`]
-//! (open-connection count; returns freed heap memory after connections close).
-// Two exceptions, allowed where they stand: the FFI call to glibc's `malloc_trim` ([`memtrim`]),
-// and registering UDP sockets for READABLE only (`AsyncFd::register_with_interest`, [`udpio`]).
+//! (open-connection count; returns freed heap memory after connections close), [`heap`] (the
+//! global allocator: glibc's, with tokio's aligned blocks kept on free lists).
+// Four exceptions, allowed where they stand: the FFI call to glibc's `malloc_trim` ([`memtrim`]),
+// registering UDP sockets for READABLE only (`AsyncFd::register_with_interest`, [`udpio`]), the
+// global allocator's free lists of aligned blocks ([`heap`]), and the per-thread reuse of
+// request futures' blocks ([`http::reused`]).
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -51,6 +54,7 @@ pub mod control;
 pub mod dns;
 pub mod echo;
 pub mod health;
+pub mod heap;
 pub mod http;
 pub mod listener;
 pub mod memtrim;
@@ -64,3 +68,7 @@ pub mod stop;
 pub mod table;
 pub mod tcpio;
 pub mod udpio;
+
+/// glibc's malloc, with tokio's 128-byte-aligned blocks (tasks, socket readiness) reused.
+#[global_allocator]
+static GLOBAL: heap::Allocator = heap::Allocator::new();
