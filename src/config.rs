@@ -65,6 +65,8 @@ pub struct Config {
     /// Set SO_REUSEPORT on listeners, so a new meshgate can bind beside an old one during an
     /// upgrade. Off by default: with it on, a port held by another process is not reported.
     pub reuse_port: bool,
+    /// How L4 TCP connections move a stream's bytes (read at start).
+    pub l4_copy: crate::proxy::copy::CopyMode,
     /// Dynamic providers.
     pub providers: ProvidersConfig,
     /// Embedded DNS server and service VIPs.
@@ -526,6 +528,20 @@ mod tests {
         assert_eq!(p.bind, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert!(short_port("80/sctp").is_err());
         assert!(short_port("99999").is_err());
+    }
+
+    #[test]
+    fn l4_copy_defaults_to_splice_and_names_a_bad_value() {
+        use crate::proxy::copy::CopyMode;
+        assert_eq!(Config::parse("{}").unwrap().l4_copy, CopyMode::Splice);
+        assert_eq!(
+            Config::parse("l4_copy: buffer\n").unwrap().l4_copy,
+            CopyMode::Buffer
+        );
+        let msg = Config::parse("\nl4_copy: sendfile\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("sendfile") && msg.contains('2'), "{msg}");
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub async fn run(
         });
     }
 
+    crate::proxy::copy::set_mode(config.l4_copy);
     let listeners = ListenerSet::new(ListenerContext {
         table: Arc::clone(&table),
         metrics: Arc::clone(&metrics),

@@ -31,6 +31,7 @@ BASE_PORT=${BASE_PORT:-24000}
 CONNS=${CONNS:-64}          # wrk / h2load concurrent connections
 MEM_CONNS=${MEM_CONNS:-}    # idle connections held in the memory scenario
 BACKEND=${BACKEND:-nginx}   # nginx (static 'ok' answer) or echo (meshgate-echo)
+L4_COPY=${L4_COPY:-splice}  # meshgate's l4_copy setting: splice or buffer
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -220,6 +221,7 @@ cat >"$TMP/meshgate.yaml" <<EOF
 log: {level: warn}
 admin: {enabled: false}
 providers: {file: {watch: false}}
+l4_copy: $L4_COPY
 services:
   web:
     ports: ["127.0.0.1:$M_L4HTTP:80/tcp"]
@@ -687,7 +689,7 @@ sc_mem() {
 }
 
 # ---------------------------------------------------------------- main
-note "mode=$MODE rounds=$ROUNDS duration=${DURATION}s conns=$CONNS backend=$BACKEND mem_conns=$MEM_CONNS nofile=$NOFILE"
+note "mode=$MODE rounds=$ROUNDS duration=${DURATION}s conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY mem_conns=$MEM_CONNS nofile=$NOFILE"
 if [ "$WAIT_QUIET" -gt 0 ]; then
   end=$((SECONDS + WAIT_QUIET))
   while [ $SECONDS -lt $end ] && ! awk '{exit !($1 < 1.0)}' /proc/loadavg; do sleep 5; done
@@ -703,7 +705,7 @@ if want mem; then sc_mem; fi
 
 # ---------------------------------------------------------------- table
 {
-echo "mode=$MODE rounds=$ROUNDS duration=${DURATION}s wrk/h2load conns=$CONNS backend=$BACKEND idle conns=$MEM_CONNS;" \
+echo "mode=$MODE rounds=$ROUNDS duration=${DURATION}s wrk/h2load conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY idle conns=$MEM_CONNS;" \
   "load average at start: $LOAD0, at end: $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%FT%TZ)"
 echo
 python3 - "$RES" <<'EOF'
