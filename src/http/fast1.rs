@@ -293,8 +293,9 @@ enum Parsed {
 /// readiness and the header timer), and a task is as large as its future's largest state. So
 /// everything from the first byte of a request to the end of its response ([`one_request`]) is
 /// boxed, in a heap block reused per thread ([`super::reused`]: no allocation per request), and
-/// idle the future is a few hundred bytes (a test bounds it). The graceful stop is checked when the future is polled: [`super::serve_connection`]'s
-/// future polls it when `conn.shutdown` fires, and an idle connection then closes.
+/// idle the future is a few hundred bytes (a test bounds it). The graceful stop is checked
+/// when the future is polled: [`super::serve_connection`]'s future polls it when
+/// `conn.shutdown` fires, and an idle connection then closes.
 ///
 /// A function returning an `async move` block, not an `async fn`: rustc stores an `async fn`'s
 /// arguments twice in its future (as captured and as moved into locals), 120 bytes here.
