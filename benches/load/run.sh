@@ -167,11 +167,12 @@ pin_all() {
   [ -n "${moved:-}" ] && note "re-pinned to CPU $want: $moved"
   return 0
 }
-# CPU ticks (utime+stime, 1/100 s) of a PID and its children.
+# CPU ticks (utime+stime, 1/100 s) of a PID and its children; `cpu_ticks PID user` prints
+# "total user" (user = utime, the part spent in user space).
 cpu_ticks() {
-  python3 - "$1" <<'EOF'
+  python3 - "$1" "${2:-}" <<'EOF'
 import sys
-todo, seen, total = [int(sys.argv[1])], set(), 0
+todo, seen, total, user = [int(sys.argv[1])], set(), 0, 0
 while todo:
     p = todo.pop()
     if p in seen: continue
@@ -179,12 +180,16 @@ while todo:
     try:
         f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
         total += int(f[11]) + int(f[12])
+        user += int(f[11])
         todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
     except OSError:
         pass
-print(total)
+print(total, user) if sys.argv[2] == "user" else print(total)
 EOF
 }
+# "user=N%": the share of the proxy's CPU time spent in user space (the rest is the kernel's:
+# system calls, and the loopback TCP receive work they run). Usage: user_share c0 u0 c1 u1
+user_share() { python3 -c "d=$3-$1; print('user=%d%%' % round(100*($4-$2)/d) if d>0 else '')"; }
 load() { taskset -c "$LOAD_CPU" "$@"; }
 
 # ---------------------------------------------------------------- ports and configs
@@ -371,13 +376,16 @@ print(rps.group(1), round(p, 3), extra or "-")
 # One measured L7/L4 request run with proxy CPU per request.
 measure_wrk() { # scenario target pidname url [wrk args]
   local sc=$1 tg=$2 pn=$3 url=$4 r=$5; shift 5
-  local c0 c1 out rps p99 extra cpu
-  c0=$( [ -n "$pn" ] && cpu_ticks "${PID_OF[$pn]}" || echo 0)
+  local c0 c1 u0 u1 out rps p99 extra cpu user
+  read -r c0 u0 <<<"$( [ -n "$pn" ] && cpu_ticks "${PID_OF[$pn]}" user || echo 0 0)"
   out=$(wrk_run "$url" "$@")
-  c1=$( [ -n "$pn" ] && cpu_ticks "${PID_OF[$pn]}" || echo 0)
+  read -r c1 u1 <<<"$( [ -n "$pn" ] && cpu_ticks "${PID_OF[$pn]}" user || echo 0 0)"
   read -r rps p99 extra <<<"$out"
   # proxy CPU µs per request (ticks are 10 ms)
   cpu=$(python3 -c "r=$rps*$DURATION; print(round(($c1-$c0)*10000/r,2) if r>0 else 0)")
+  user=$(user_share "$c0" "$u0" "$c1" "$u1")
+  [ "$extra" = - ] && extra=
+  extra=$(echo $user $extra); extra=${extra:--}
   record "$sc" "$tg" "$r" "$rps" "$p99" "$cpu $extra"
   note "$sc $tg round $r: $rps req/s p99 ${p99}ms cpu/req ${cpu}us $extra"
 }
@@ -434,16 +442,17 @@ sc_http() { # keep-alive and close
 sc_tls() { # HTTP/2 over TLS keep-alive; CPU per full TLS 1.3 handshake
   start_backends
   start_proxies meshgate haproxy nginx caddy
-  local r t port out rps info extra c0 c1 n cpu
+  local r t port out rps info extra c0 c1 u0 u1 n cpu
   for r in $(seq "$ROUNDS"); do
     for t in meshgate haproxy nginx caddy; do
       case $t in meshgate) port=$M_HTTPS ;; haproxy) port=$H_HTTPS ;; nginx) port=$N_HTTPS ;; caddy) port=$C_HTTPS ;; esac
       if want h2; then
-        c0=$(cpu_ticks "${PID_OF[$t]}")
+        read -r c0 u0 <<<"$(cpu_ticks "${PID_OF[$t]}" user)"
         out=$(h2_run "https://127.0.0.1:$port/")
-        c1=$(cpu_ticks "${PID_OF[$t]}")
+        read -r c1 u1 <<<"$(cpu_ticks "${PID_OF[$t]}" user)"
         read -r rps info extra <<<"$out"
         cpu=$(python3 -c "r=$rps*$DURATION; print(round(($c1-$c0)*10000/r,2) if r>0 else 0)")
+        extra="$(user_share "$c0" "$u0" "$c1" "$u1") $extra"
         record h2-tls "$t" "$r" "$rps" 0 "$cpu $info $extra"
         note "h2-tls $t round $r: $rps req/s cpu/req ${cpu}us $info $extra"
       fi
@@ -689,7 +698,10 @@ sc_mem() {
 }
 
 # ---------------------------------------------------------------- main
-note "mode=$MODE rounds=$ROUNDS duration=${DURATION}s conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY mem_conns=$MEM_CONNS nofile=$NOFILE"
+# The kernel's default TCP congestion control shapes every loopback TCP result, L4 bulk most
+# (with bbr, and no fq qdisc on lo, each sender paces itself with timers): it goes in the table.
+TCP_CC=$(cat /proc/sys/net/ipv4/tcp_congestion_control 2>/dev/null || echo unknown)
+note "mode=$MODE rounds=$ROUNDS duration=${DURATION}s conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY mem_conns=$MEM_CONNS nofile=$NOFILE tcp_cc=$TCP_CC"
 if [ "$WAIT_QUIET" -gt 0 ]; then
   end=$((SECONDS + WAIT_QUIET))
   while [ $SECONDS -lt $end ] && ! awk '{exit !($1 < 1.0)}' /proc/loadavg; do sleep 5; done
@@ -705,7 +717,7 @@ if want mem; then sc_mem; fi
 
 # ---------------------------------------------------------------- table
 {
-echo "mode=$MODE rounds=$ROUNDS duration=${DURATION}s wrk/h2load conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY idle conns=$MEM_CONNS;" \
+echo "mode=$MODE rounds=$ROUNDS duration=${DURATION}s wrk/h2load conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY idle conns=$MEM_CONNS tcp_cc=$TCP_CC;" \
   "load average at start: $LOAD0, at end: $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%FT%TZ)"
 echo
 python3 - "$RES" <<'EOF'
