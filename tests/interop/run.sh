@@ -76,10 +76,10 @@ if [ -z "$failed" ]; then ok "every configured listener is open"; else bad "list
 
 # meshgate check: valid and invalid configs.
 out=$($BIN/meshgate check --config "$WORK/mg.yaml" 2>&1)
-if echo "$out" | grep -q "config OK"; then ok "check accepts a valid config"; else bad "check valid"; fi
+if grep -q "config OK" <<<"$out"; then ok "check accepts a valid config"; else bad "check valid"; fi
 printf 'services:\n  a:\n    ports: ["9"]\n    policy: fastest\n' >"$WORK/bad.yaml"
 out=$($BIN/meshgate check --config "$WORK/bad.yaml" 2>&1); rc=$?
-if [ $rc -ne 0 ] && echo "$out" | grep -q "fastest" && echo "$out" | grep -q "4"; then ok "check rejects a bad config naming key and line"; else bad "check invalid: rc=$rc $out"; fi
+if [ $rc -ne 0 ] && grep -q "fastest" <<<"$out" && grep -q "4" <<<"$out"; then ok "check rejects a bad config naming key and line"; else bad "check invalid: rc=$rc $out"; fi
 
 # L4 TCP through curl: both backends answer (round robin).
 names=$(for i in 1 2 3 4; do curl -s --max-time 3 http://127.0.0.1:28080/; done | sort -u | tr '\n' ' ')
@@ -109,11 +109,12 @@ PY
 then ok "UDP round trip"; else bad "UDP round trip"; fi
 
 # Metrics scrape.
-if curl -s http://127.0.0.1:29901/metrics | grep -q 'meshgate_endpoint_connections_total{service="web"'; then ok "Prometheus metrics"; else bad "metrics"; fi
+if grep -q 'meshgate_endpoint_connections_total{service="web"' <<<"$(curl -s http://127.0.0.1:29901/metrics)"; then ok "Prometheus metrics"; else bad "metrics"; fi
 
 # wrk, bounded: 2 s of keep-alive-less HTTP through the L4 port.
 if have wrk; then
-  if wrk -t1 -c8 -d2s http://127.0.0.1:28080/ 2>&1 | tee "$WORK/wrk.txt" | grep -q "Requests/sec"; then
+  wrk -t1 -c8 -d2s http://127.0.0.1:28080/ >"$WORK/wrk.txt" 2>&1
+  if grep -q "Requests/sec" "$WORK/wrk.txt"; then
     errs=$(grep -c "Socket errors" "$WORK/wrk.txt" || true)
     if [ "$errs" = "0" ]; then ok "wrk through L4 without socket errors"; else bad "wrk socket errors: $(cat "$WORK/wrk.txt")"; fi
   else bad "wrk"; fi

@@ -12,9 +12,9 @@ if have dig; then
   srv=$("${D[@]}" +short _28200._tcp.dnsweb.meshgate SRV 2>&1)
   if [[ $srv =~ ^[0-9]+\ [0-9]+\ 28200\ dnsweb\.meshgate\.$ ]]; then ok "dig SRV _28200._tcp.dnsweb -> port 28200 on dnsweb.meshgate."; else bad "SRV: '$srv'"; fi
   out=$("${D[@]}" nosuch.meshgate A 2>&1)
-  if echo "$out" | grep -q "status: NXDOMAIN" && echo "$out" | grep -q "ANSWER: 0"; then ok "dig unknown name -> NXDOMAIN"; else bad "NXDOMAIN: $out"; fi
+  if grep -q "status: NXDOMAIN" <<<"$out" && grep -q "ANSWER: 0" <<<"$out"; then ok "dig unknown name -> NXDOMAIN"; else bad "NXDOMAIN: $out"; fi
   out=$("${D[@]}" dnsweb.meshgate AAAA 2>&1)
-  if echo "$out" | grep -q "status: NOERROR" && echo "$out" | grep -q "ANSWER: 0" && echo "$out" | grep -q "SOA"; then
+  if grep -q "status: NOERROR" <<<"$out" && grep -q "ANSWER: 0" <<<"$out" && grep -q "SOA" <<<"$out"; then
     ok "dig AAAA of a v4-only service -> NODATA (NOERROR, 0 answers, SOA)"; else bad "NODATA: $out"; fi
   ttl=$("${D[@]}" +noall +answer dnsweb.meshgate A 2>&1 | awk '{print $2}')
   if [ "$ttl" = "7" ]; then ok "answer TTL is the configured 7"; else bad "TTL: '$ttl'"; fi
@@ -23,7 +23,7 @@ if have dig; then
   tcp=$("${D[@]}" +tcp +short tasks.dnsweb.meshgate A 2>&1 | sort | tr '\n' ' ')
   if [ "$tcp" = "127.0.0.2 127.0.0.3 " ]; then ok "dig +tcp answers too"; else bad "DNS over TCP: '$tcp'"; fi
   out=$("${D[@]}" example.com A 2>&1)
-  if echo "$out" | grep -q "status: REFUSED"; then ok "names outside the zone are REFUSED with forward: false"; else bad "outside zone: $out"; fi
+  if grep -q "status: REFUSED" <<<"$out"; then ok "names outside the zone are REFUSED with forward: false"; else bad "outside zone: $out"; fi
   # The VIP port reaches both backends.
   if [[ $vip =~ ^127\. ]]; then
     wait_port "$vip" 28200

@@ -96,8 +96,8 @@ h2check() { # name url [extra args]
   local name=$1 url=$2; shift 2
   local out
   out=$(timeout 60 h2load -n 2000 -c 10 -m 10 "$@" "$url" 2>&1)
-  if echo "$out" | grep -q "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored" \
-     && echo "$out" | grep -q "status codes: 2000 2xx"; then
+  if grep -q "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored" <<<"$out" \
+     && grep -q "status codes: 2000 2xx" <<<"$out"; then
     ok "h2load $name: 2000 requests, 0 failed ($(echo "$out" | grep -o 'finished in.*'))"
   else bad "h2load $name: $out"; fi
 }
