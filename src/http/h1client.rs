@@ -36,7 +36,7 @@ use super::h1wire::{
 };
 use super::headers::{write_forwarding, ForwardInfo};
 use crate::proxy::copy::bufs::{self, BUF_SIZE};
-use crate::proxy::copy::{poll_read_some, read_some};
+use crate::proxy::copy::{poll_read_some, read_ready, read_some};
 
 /// Headers parsed in a response head.
 const MAX_RESPONSE_HEADERS: usize = 128;
@@ -76,7 +76,14 @@ pub(crate) async fn send(
             }
             break Err(ProxyError::NotSent);
         }
-        buf.clear();
+        // The answer takes at least a round trip: no buffer is held while it is awaited. With
+        // many requests in flight at once (an HTTP/2 client's streams: 640 in the load
+        // harness) each would hold 16 KiB, far more than the per-thread cache, and the reads
+        // would land in malloc'd memory that is cold in the cache; HAProxy too allocates a
+        // response buffer only once the response is there.
+        bufs::give(std::mem::take(&mut buf));
+        let _ = read_ready(&up).await;
+        buf = bufs::take();
         match read_head(&up, &mut buf, req.method == Method::HEAD).await {
             Ok(head) => break Ok((up, head)),
             Err(Failed::Silent) if reused && is_idempotent(&req.method) => {
@@ -252,7 +259,7 @@ fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyErro
         _ => 0,
     };
     let raw = Bytes::copy_from_slice(&data[..head_len + body_here]);
-    let mut map = HeaderMap::with_capacity(resp.headers.len());
+    let mut map = spare_maps::take(resp.headers.len());
     let mut length_kept = false;
     for h in resp.headers.iter() {
         // Hop-by-hop headers stay on this hop: the map is what the client gets.
@@ -271,8 +278,11 @@ fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyErro
             }
             length_kept = true;
         }
-        let name =
-            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ProxyError::UpstreamProtocol)?;
+        let name = match common_response_name(h.name) {
+            Some(n) => n,
+            None => HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| ProxyError::UpstreamProtocol)?,
+        };
         // `h.value` lies within `data[..head_len]`: the same bytes of `raw`.
         let at = (h.value.as_ptr() as usize).wrapping_sub(data.as_ptr() as usize);
         let value = if at.saturating_add(h.value.len()) <= head_len {
@@ -291,6 +301,86 @@ fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyErro
         reusable,
         raw,
     }))
+}
+
+/// The names most responses carry, without `HeaderName::from_bytes`'s lower-casing into a
+/// scratch buffer and its lookup of every standard name (~100 instructions a name; this: a
+/// length switch and one or two word compares).
+fn common_response_name(name: &str) -> Option<HeaderName> {
+    use http::header;
+    let (candidate, other) = match name.len() {
+        4 => (header::DATE, Some(header::ETAG)),
+        6 => (header::SERVER, None),
+        12 => (header::CONTENT_TYPE, None),
+        13 => (header::CACHE_CONTROL, Some(header::LAST_MODIFIED)),
+        14 => (header::CONTENT_LENGTH, None),
+        _ => return None,
+    };
+    let name = name.as_bytes();
+    if token_eq_lower(name, candidate.as_str().as_bytes()) {
+        return Some(candidate);
+    }
+    other.filter(|o| token_eq_lower(name, o.as_str().as_bytes()))
+}
+
+/// Whether the header name `token` (httparse checked it is a token) is `lower` (lower-case
+/// letters and `-`, 4 to 16 bytes, as long as `token`) in any case. Bytes are compared with
+/// 0x20 set, in two overlapping words: that folds `A`-`Z` onto `a`-`z`, and of the token
+/// characters only `-` itself turns into `-`.
+fn token_eq_lower(token: &[u8], lower: &[u8]) -> bool {
+    fn word(b: &[u8], at: usize, n: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w[..n].copy_from_slice(&b[at..at + n]);
+        u64::from_le_bytes(w)
+    }
+    let len = lower.len();
+    debug_assert!((4..=16).contains(&len) && token.len() == len);
+    let n = if len >= 8 { 8 } else { 4 };
+    let fold = u64::from_le_bytes([0x20; 8]) >> (8 * (8 - n));
+    word(token, 0, n) | fold == word(lower, 0, n)
+        && word(token, len - n, n) | fold == word(lower, len - n, n)
+}
+
+/// Emptied header maps of answered requests, for the response heads parsed next (per worker
+/// thread): a response's map then costs no allocation, nor does the request's map a free.
+pub(crate) mod spare_maps {
+    use std::cell::RefCell;
+
+    use http::HeaderMap;
+
+    /// Maps kept per thread; one is given back per answered request and taken per response.
+    const KEEP: usize = 32;
+    /// A map bigger than this (in entries) is not kept.
+    const LARGEST: usize = 64;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty map with room for `n` entries.
+    pub(crate) fn take(n: usize) -> HeaderMap {
+        match SPARE.with(|s| s.borrow_mut().pop()) {
+            Some(mut map) => {
+                map.reserve(n);
+                map
+            }
+            None => HeaderMap::with_capacity(n),
+        }
+    }
+
+    /// Keep `map`'s memory for a later [`take`].
+    pub(crate) fn give(mut map: HeaderMap) {
+        if map.capacity() == 0 || map.capacity() > LARGEST {
+            return;
+        }
+        map.clear();
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(map);
+            }
+        });
+    }
 }
 
 /// A response body read from a bare upstream connection.
@@ -621,6 +711,51 @@ mod tests {
     /// A plain request's head: its own headers, then Host (when the map has none, as for an
     /// HTTP/2 request) and this hop's forwarding headers, the same ones `set_forwarding`
     /// would have put in the map.
+    #[test]
+    fn common_response_names_are_the_standard_ones() {
+        for name in [
+            "Date",
+            "ETag",
+            "Server",
+            "Content-Type",
+            "Cache-Control",
+            "Last-Modified",
+            "content-length",
+            "CONTENT-LENGTH",
+        ] {
+            assert_eq!(
+                common_response_name(name),
+                Some(HeaderName::from_bytes(name.as_bytes()).unwrap()),
+                "{name}"
+            );
+        }
+        for name in [
+            "Dat3",
+            "Vary",
+            "X-Server",
+            "Content-Typ",
+            "content-lengths",
+            "Etag2",
+            "Dat\u{7f}",
+            "Serv~r",
+            "Content_Type",
+            "ContentXLength",
+        ] {
+            assert_eq!(common_response_name(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn spare_maps_come_back_empty_with_their_room() {
+        let mut map = HeaderMap::with_capacity(6);
+        map.insert(http::header::DATE, HeaderValue::from_static("x"));
+        let room = map.capacity();
+        spare_maps::give(map);
+        let again = spare_maps::take(4);
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), room);
+    }
+
     #[test]
     fn head_with_forwarding_lines() {
         let info = ForwardInfo::new("192.0.2.7".parse().unwrap(), true, false);

@@ -353,7 +353,14 @@ fn proxy<'a>(
                     }
                     let mut resp = match answer {
                         // meshgate's client left the hop-by-hop headers out of the map.
-                        Answer::Raw(resp) => resp.map(|b| ProxyBody::raw(b, in_flight)),
+                        Answer::Raw(resp) => {
+                            // The request is answered: its map's memory goes to the next
+                            // response head.
+                            if let Some(head) = parts.take() {
+                                h1client::spare_maps::give(head.headers);
+                            }
+                            resp.map(|b| ProxyBody::raw(b, in_flight))
+                        }
                         Answer::Hyper(mut resp, pooled) => {
                             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                             if let (true, Some(down)) = (switching, downstream_upgrade) {

@@ -232,7 +232,7 @@ pub(crate) fn poll_read_some(
 /// the waiting future (`TcpStream::readable` keeps a 150-byte one). The slot holds one waker,
 /// so only one future may wait on a socket's read side at a time: in a proxied pair each
 /// direction waits on the read side of its source and the write side of its destination only.
-fn read_ready(s: &TcpStream) -> impl std::future::Future<Output = io::Result<()>> + '_ {
+pub(crate) fn read_ready(s: &TcpStream) -> impl std::future::Future<Output = io::Result<()>> + '_ {
     std::future::poll_fn(move |cx| s.poll_read_ready(cx))
 }
 
