@@ -305,40 +305,19 @@ fn parse_head(data: &[u8], head_request: bool) -> Result<Option<Head>, ProxyErro
 
 /// The names most responses carry, without `HeaderName::from_bytes`'s lower-casing into a
 /// scratch buffer and its lookup of every standard name (~100 instructions a name; this: a
-/// length switch and one or two word compares).
+/// length switch and one or two word compares, [`eq`]).
 fn common_response_name(name: &str) -> Option<HeaderName> {
     use http::header;
-    let (candidate, other) = match name.len() {
-        4 => (header::DATE, Some(header::ETAG)),
-        6 => (header::SERVER, None),
-        12 => (header::CONTENT_TYPE, None),
-        13 => (header::CACHE_CONTROL, Some(header::LAST_MODIFIED)),
-        14 => (header::CONTENT_LENGTH, None),
-        _ => return None,
-    };
-    let name = name.as_bytes();
-    if token_eq_lower(name, candidate.as_str().as_bytes()) {
-        return Some(candidate);
+    match name.len() {
+        4 if eq(name, "date") => Some(header::DATE),
+        4 if eq(name, "etag") => Some(header::ETAG),
+        6 if eq(name, "server") => Some(header::SERVER),
+        12 if eq(name, "content-type") => Some(header::CONTENT_TYPE),
+        13 if eq(name, "cache-control") => Some(header::CACHE_CONTROL),
+        13 if eq(name, "last-modified") => Some(header::LAST_MODIFIED),
+        14 if eq(name, "content-length") => Some(header::CONTENT_LENGTH),
+        _ => None,
     }
-    other.filter(|o| token_eq_lower(name, o.as_str().as_bytes()))
-}
-
-/// Whether the header name `token` (httparse checked it is a token) is `lower` (lower-case
-/// letters and `-`, 4 to 16 bytes, as long as `token`) in any case. Bytes are compared with
-/// 0x20 set, in two overlapping words: that folds `A`-`Z` onto `a`-`z`, and of the token
-/// characters only `-` itself turns into `-`.
-fn token_eq_lower(token: &[u8], lower: &[u8]) -> bool {
-    fn word(b: &[u8], at: usize, n: usize) -> u64 {
-        let mut w = [0u8; 8];
-        w[..n].copy_from_slice(&b[at..at + n]);
-        u64::from_le_bytes(w)
-    }
-    let len = lower.len();
-    debug_assert!((4..=16).contains(&len) && token.len() == len);
-    let n = if len >= 8 { 8 } else { 4 };
-    let fold = u64::from_le_bytes([0x20; 8]) >> (8 * (8 - n));
-    word(token, 0, n) | fold == word(lower, 0, n)
-        && word(token, len - n, n) | fold == word(lower, len - n, n)
 }
 
 /// Emptied header maps of answered requests, for the response heads parsed next (per worker

@@ -268,8 +268,45 @@ impl BodyLeft {
     }
 }
 
+/// Whether the header name `a` (an HTTP token: httparse checked it) is `b`, a lower-case name
+/// (`a`-`z`, `0`-`9`, `-`), in any case.
+///
+/// Compared a word at a time with 0x20 set in every byte of `a`: that folds `A`-`Z` onto
+/// `a`-`z` and leaves digits and `-` as they are; the only other bytes it turns into one of
+/// `b`'s are control characters, which no token has. `eq_ignore_ascii_case` goes byte by byte
+/// (~10 instructions a byte; callgrind h2: ~300 instructions per response head).
+#[inline]
 pub(crate) fn eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.eq_ignore_ascii_case(b)
+    const F8: u64 = u64::from_le_bytes([0x20; 8]);
+    const F4: u32 = u32::from_le_bytes([0x20; 4]);
+    fn w8(s: &[u8], i: usize) -> u64 {
+        u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"))
+    }
+    fn w4(s: &[u8], i: usize) -> u32 {
+        u32::from_le_bytes(s[i..i + 4].try_into().expect("4 bytes"))
+    }
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    debug_assert!(b
+        .iter()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-'));
+    let n = b.len();
+    if a.len() != n {
+        return false;
+    }
+    match n {
+        0..=3 => a.iter().zip(b).all(|(x, y)| x | 0x20 == *y),
+        4..=7 => w4(a, 0) | F4 == w4(b, 0) && w4(a, n - 4) | F4 == w4(b, n - 4),
+        _ => {
+            let mut i = 0;
+            while i + 8 < n {
+                if w8(a, i) | F8 != w8(b, i) {
+                    return false;
+                }
+                i += 8;
+            }
+            w8(a, n - 8) | F8 == w8(b, n - 8)
+        }
+    }
 }
 
 pub(crate) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -314,6 +351,42 @@ pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `eq` against the byte-by-byte definition, for every token character at every position
+    /// of names of each length class (2, 4–7, 8–16, longer).
+    #[test]
+    fn eq_is_case_insensitive_token_equality() {
+        let token_chars: Vec<u8> = (0x21u8..0x7f)
+            .filter(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c))
+            .collect();
+        for name in [
+            "te",
+            "date",
+            "host",
+            "server",
+            "trailer",
+            "connection",
+            "content-type",
+            "content-length",
+            "proxy-connection",
+            "x-forwarded-proto",
+            "transfer-encoding",
+            "access-control-allow-credentials",
+            "x-b3-traceid",
+        ] {
+            let upper = name.to_ascii_uppercase();
+            assert!(eq(name, name) && eq(&upper, name), "{name}");
+            for at in 0..name.len() {
+                for &c in &token_chars {
+                    let mut a = name.as_bytes().to_vec();
+                    a[at] = c;
+                    let a = String::from_utf8(a).unwrap();
+                    assert_eq!(eq(&a, name), a.eq_ignore_ascii_case(name), "{a} vs {name}");
+                }
+            }
+            assert!(!eq(&name[1..], name) && !eq(&format!("{name}x"), name));
+        }
+    }
 
     const BODY: &[u8] =
         b"5;ext=\"x\"\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nx-t: 1\r\ny: 2\r\n\r\n";
