@@ -369,7 +369,9 @@ pub(crate) struct RawBody {
 
 enum State {
     /// Everything is here: data (if any), then trailers (if any).
-    Whole(Option<Bytes>, Option<HeaderMap>),
+    /// (Trailers boxed: rare, and a response moves through several futures on its way out;
+    /// `Response<ProxyBody>` is 224 bytes with them boxed, 296 without.)
+    Whole(Option<Bytes>, Option<Box<HeaderMap>>),
     Streaming(Box<Streaming>),
 }
 
@@ -414,7 +416,7 @@ impl RawBody {
                 match Chunked::default().decode(rest, &mut d) {
                     Ok(Some(used)) => {
                         let data = (!d.data.is_empty()).then(|| d.data.freeze());
-                        Some((data, parse_trailers(&d.trailers), used))
+                        Some((data, parse_trailers(&d.trailers).map(Box::new), used))
                     }
                     // Incomplete or malformed: the streaming body reads on, or reports it.
                     _ => None,
@@ -553,7 +555,7 @@ impl Body for RawBody {
         match &mut this.state {
             State::Whole(data, trailers) => Poll::Ready(match data.take() {
                 Some(d) => Some(Ok(Frame::data(d))),
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
             }),
             State::Streaming(s) => {
                 let next = std::task::ready!(s.poll_next(cx));
