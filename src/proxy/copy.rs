@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -94,26 +95,56 @@ pub fn bidirectional<'a>(
         let down = one_way(upstream, downstream, track);
         let idle = idle_watch(idle, &activity);
         tokio::pin!(up, down, idle);
-        let (mut up_done, mut down_done) = (None, None);
         // Not `join!`: an error in one direction must end the other too, or a direction waiting for
         // a peer that will never speak keeps both sockets open forever. Not `select!` either: its
         // random branch order costs a random number per wake-up, and the order does not matter
         // (each direction only does what its sockets allow).
-        std::future::poll_fn(|cx| {
-            if poll_way(up.as_mut(), &mut up_done, cx).is_err()
-                || poll_way(down.as_mut(), &mut down_done, cx).is_err()
-            {
-                return Poll::Ready((Outcome::Error, Transferred::default()));
-            }
-            if let (Some(up), Some(down)) = (up_done, down_done) {
-                return Poll::Ready((Outcome::Closed, Transferred { up, down }));
-            }
-            if idle.as_mut().poll(cx).is_ready() {
-                return Poll::Ready((Outcome::Idle, Transferred::default()));
-            }
-            Poll::Pending
-        })
+        Both {
+            up: up.as_mut(),
+            down: down.as_mut(),
+            idle: idle.as_mut(),
+            up_done: None,
+            down_done: None,
+        }
         .await
+    }
+}
+
+/// Both directions of a pair and its idle watch ([`bidirectional`]). A named future rather than
+/// a `poll_fn` closure so that its `poll` is always inlined into the connection's task: the
+/// compiler stopped inlining the `poll_fn` after unrelated changes elsewhere (callgrind `l4`
+/// +50 instructions per request).
+struct Both<'a, U, D, I> {
+    up: Pin<&'a mut U>,
+    down: Pin<&'a mut D>,
+    idle: Pin<&'a mut I>,
+    up_done: Option<u64>,
+    down_done: Option<u64>,
+}
+
+impl<U, D, I> Future for Both<'_, U, D, I>
+where
+    U: Future<Output = io::Result<u64>>,
+    D: Future<Output = io::Result<u64>>,
+    I: Future<Output = ()>,
+{
+    type Output = (Outcome, Transferred);
+
+    #[inline(always)]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if poll_way(this.up.as_mut(), &mut this.up_done, cx).is_err()
+            || poll_way(this.down.as_mut(), &mut this.down_done, cx).is_err()
+        {
+            return Poll::Ready((Outcome::Error, Transferred::default()));
+        }
+        if let (Some(up), Some(down)) = (this.up_done, this.down_done) {
+            return Poll::Ready((Outcome::Closed, Transferred { up, down }));
+        }
+        if this.idle.as_mut().poll(cx).is_ready() {
+            return Poll::Ready((Outcome::Idle, Transferred::default()));
+        }
+        Poll::Pending
     }
 }
 
@@ -232,7 +263,7 @@ pub(crate) fn poll_read_some(
 /// the waiting future (`TcpStream::readable` keeps a 150-byte one). The slot holds one waker,
 /// so only one future may wait on a socket's read side at a time: in a proxied pair each
 /// direction waits on the read side of its source and the write side of its destination only.
-pub(crate) fn read_ready(s: &TcpStream) -> impl std::future::Future<Output = io::Result<()>> + '_ {
+fn read_ready(s: &TcpStream) -> impl std::future::Future<Output = io::Result<()>> + '_ {
     std::future::poll_fn(move |cx| s.poll_read_ready(cx))
 }
 
