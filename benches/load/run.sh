@@ -442,7 +442,7 @@ sc_http() { # keep-alive and close
 sc_tls() { # HTTP/2 over TLS keep-alive; CPU per full TLS 1.3 handshake
   start_backends
   start_proxies meshgate haproxy nginx caddy
-  local r t port out rps info extra c0 c1 u0 u1 n cpu
+  local r t port out rps info extra c0 c1 u0 u1 n cpu share
   for r in $(seq "$ROUNDS"); do
     for t in meshgate haproxy nginx caddy; do
       case $t in meshgate) port=$M_HTTPS ;; haproxy) port=$H_HTTPS ;; nginx) port=$N_HTTPS ;; caddy) port=$C_HTTPS ;; esac
@@ -452,7 +452,8 @@ sc_tls() { # HTTP/2 over TLS keep-alive; CPU per full TLS 1.3 handshake
         read -r c1 u1 <<<"$(cpu_ticks "${PID_OF[$t]}" user)"
         read -r rps info extra <<<"$out"
         cpu=$(python3 -c "r=$rps*$DURATION; print(round(($c1-$c0)*10000/r,2) if r>0 else 0)")
-        extra="$(user_share "$c0" "$u0" "$c1" "$u1") $extra"
+        share=$(user_share "$c0" "$u0" "$c1" "$u1")
+        extra="${share:+$share }$extra"
         record h2-tls "$t" "$r" "$rps" 0 "$cpu $info $extra"
         note "h2-tls $t round $r: $rps req/s cpu/req ${cpu}us $info $extra"
       fi
