@@ -301,8 +301,11 @@ impl ForwardInfo {
             out.extend_from_slice(b"for=");
             out.extend_from_slice(self.peer_ip_bytes());
         }
-        out.extend_from_slice(b";proto=");
-        out.extend_from_slice(self.proto().as_bytes());
+        out.extend_from_slice(if self.tls {
+            b";proto=https"
+        } else {
+            b";proto=http"
+        });
         if let Some(host) = host.filter(|h| quotable(h)) {
             // `host` is a token or a quoted string; a host with a port has ':' and is quoted.
             out.extend_from_slice(b";host=\"");
@@ -336,7 +339,17 @@ impl ForwardInfo {
 
 /// A host that can go in a quoted string as is.
 fn quotable(host: &[u8]) -> bool {
-    host.iter().all(|b| b.is_ascii_graphic() && *b != b'"')
+    /// Visible ASCII other than `"`: one table load per byte instead of two range tests.
+    static QUOTABLE: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut b = 0x21;
+        while b < 0x7f {
+            t[b] = b != b'"' as usize;
+            b += 1;
+        }
+        t
+    };
+    host.iter().all(|b| QUOTABLE[usize::from(*b)])
 }
 
 /// Whether `headers` carry none of the headers that hygiene removes or rewrites (hop-by-hop,
@@ -366,23 +379,28 @@ pub(crate) fn write_forwarding(
     host: Option<&[u8]>,
     prior: Option<&Prior<'_>>,
 ) {
+    // One reservation, and the constant text between the values in as few pieces as it
+    // goes: every piece is a capacity check and a `memcpy` call (callgrind: 479 instructions
+    // per request before, in both HTTP/1 paths).
+    let ip = info.peer_ip_bytes();
+    out.reserve(112 + 2 * ip.len() + 2 * host.map_or(0, <[u8]>::len));
     out.extend_from_slice(b"x-forwarded-for: ");
     if let Some(p) = prior {
         (p.values)("x-forwarded-for", out);
     }
-    out.extend_from_slice(info.peer_ip_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(ip);
     if !prior.is_some_and(|p| p.has_proto) {
-        out.extend_from_slice(b"x-forwarded-proto: ");
-        out.extend_from_slice(info.proto().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(if info.tls {
+            b"\r\nx-forwarded-proto: https"
+        } else {
+            b"\r\nx-forwarded-proto: http"
+        });
     }
     if let (Some(host), false) = (host, prior.is_some_and(|p| p.has_host)) {
-        out.extend_from_slice(b"x-forwarded-host: ");
+        out.extend_from_slice(b"\r\nx-forwarded-host: ");
         out.extend_from_slice(host);
-        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"forwarded: ");
+    out.extend_from_slice(b"\r\nforwarded: ");
     if let Some(p) = prior {
         (p.values)("forwarded", out);
     }
