@@ -7,7 +7,8 @@
 #   temp dir with its own config; every process it starts is stopped by PID (trap on exit).
 # - Load generator pinned to LOAD_CPU, proxy + backends to PROXY_CPU (taskset); every proxy
 #   runs one worker thread/process.
-# - Interleaved rounds (A B C A B C ...), medians, ratios to HAProxy and to direct.
+# - Interleaved rounds, each starting one target later (A B C, B C A, C A B, ...): no target
+#   always follows the same one. Medians, ratios to HAProxy and to direct.
 #
 # Usage: benches/load/run.sh [--quick|--full] [--rounds N] [--duration S]
 #                            [--only http,close,h2,tls,l4,udp,dns,mem] [--out FILE] [--keep]
@@ -55,6 +56,11 @@ else
 fi
 
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+# The targets of round R (1-based) in the order it runs them: the list rotated by R-1, so each
+# target follows every other in turn (whatever a target leaves behind, e.g. Caddy's garbage
+# collector or TIME_WAIT sockets, is not always charged to the same next one).
+# Usage: rotated R target...
+rotated() { local r=$1; shift; local n=$#; local k=$(( (r - 1) % n )); local a=("$@"); echo "${a[@]:k}" "${a[@]:0:k}"; }
 
 # ---------------------------------------------------------------- tools (installs nothing)
 declare -A PKG=([haproxy]=haproxy [nginx]=nginx [caddy]=caddy [wrk]=wrk [h2load]=nghttp2-client
@@ -414,6 +420,10 @@ except Exception:
 }
 
 # ---------------------------------------------------------------- scenarios
+pidname() { [ "$1" = direct ] || echo "$1"; } # target -> the process measure_wrk measures
+http_port() { case $1 in direct) echo "$B_HTTP" ;; meshgate) echo "$M_HTTP" ;; haproxy) echo "$H_HTTP" ;;
+  nginx) echo "$N_HTTP" ;; caddy) echo "$C_HTTP" ;; esac; }
+
 sc_http() { # keep-alive and close
   start_backends
   start_proxies meshgate haproxy nginx caddy
@@ -422,18 +432,14 @@ sc_http() { # keep-alive and close
   for u in $B_HTTP $M_HTTP $H_HTTP $N_HTTP $C_HTTP; do load wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$u/" >/dev/null 2>&1; done
   for r in $(seq "$ROUNDS"); do
     if want http; then
-      measure_wrk http-ka direct "" "http://127.0.0.1:$B_HTTP/" "$r"
-      measure_wrk http-ka meshgate meshgate "http://127.0.0.1:$M_HTTP/" "$r"
-      measure_wrk http-ka haproxy haproxy "http://127.0.0.1:$H_HTTP/" "$r"
-      measure_wrk http-ka nginx nginx "http://127.0.0.1:$N_HTTP/" "$r"
-      measure_wrk http-ka caddy caddy "http://127.0.0.1:$C_HTTP/" "$r"
+      for t in $(rotated "$r" direct meshgate haproxy nginx caddy); do
+        measure_wrk http-ka "$t" "$(pidname "$t")" "http://127.0.0.1:$(http_port "$t")/" "$r"
+      done
     fi
     if want close; then
-      measure_wrk http-close direct "" "http://127.0.0.1:$B_HTTP/" "$r" -H "Connection: close"
-      measure_wrk http-close meshgate meshgate "http://127.0.0.1:$M_HTTP/" "$r" -H "Connection: close"
-      measure_wrk http-close haproxy haproxy "http://127.0.0.1:$H_HTTP/" "$r" -H "Connection: close"
-      measure_wrk http-close nginx nginx "http://127.0.0.1:$N_HTTP/" "$r" -H "Connection: close"
-      measure_wrk http-close caddy caddy "http://127.0.0.1:$C_HTTP/" "$r" -H "Connection: close"
+      for t in $(rotated "$r" direct meshgate haproxy nginx caddy); do
+        measure_wrk http-close "$t" "$(pidname "$t")" "http://127.0.0.1:$(http_port "$t")/" "$r" -H "Connection: close"
+      done
     fi
   done
   stop_group
@@ -444,7 +450,7 @@ sc_tls() { # HTTP/2 over TLS keep-alive; CPU per full TLS 1.3 handshake
   start_proxies meshgate haproxy nginx caddy
   local r t port out rps info extra c0 c1 u0 u1 n cpu share
   for r in $(seq "$ROUNDS"); do
-    for t in meshgate haproxy nginx caddy; do
+    for t in $(rotated "$r" meshgate haproxy nginx caddy); do
       case $t in meshgate) port=$M_HTTPS ;; haproxy) port=$H_HTTPS ;; nginx) port=$N_HTTPS ;; caddy) port=$C_HTTPS ;; esac
       if want h2; then
         read -r c0 u0 <<<"$(cpu_ticks "${PID_OF[$t]}" user)"
@@ -481,11 +487,12 @@ sc_l4() {
   start_proxies meshgate haproxy
   local r s t port g c0 c1 cpu
   for r in $(seq "$ROUNDS"); do
-    measure_wrk l4-rr direct "" "http://127.0.0.1:$B_HTTP/" "$r"
-    measure_wrk l4-rr meshgate meshgate "http://127.0.0.1:$M_L4HTTP/" "$r"
-    measure_wrk l4-rr haproxy haproxy "http://127.0.0.1:$H_L4HTTP/" "$r"
+    for t in $(rotated "$r" direct meshgate haproxy); do
+      case $t in direct) port=$B_HTTP ;; meshgate) port=$M_L4HTTP ;; haproxy) port=$H_L4HTTP ;; esac
+      measure_wrk l4-rr "$t" "$(pidname "$t")" "http://127.0.0.1:$port/" "$r"
+    done
     for s in 1 4; do
-      for t in direct meshgate haproxy; do
+      for t in $(rotated "$r" direct meshgate haproxy); do
         case $t in direct) port=$B_IPERF ;; meshgate) port=$M_L4IPERF ;; haproxy) port=$H_L4IPERF ;; esac
         c0=$( [ $t != direct ] && cpu_ticks "${PID_OF[$t]}" || echo 0)
         g=$(iperf_run "$port" "$s")
@@ -588,7 +595,7 @@ EOF
   check_alive dns-meshgate dns-knot dns-nsd dns-dnsmasq || exit 1
   local r t port c0 c1 out qps lost codes cpu lat ceil=()
   for r in $(seq "$ROUNDS"); do
-    for t in meshgate knot nsd dnsmasq; do
+    for t in $(rotated "$r" meshgate knot nsd dnsmasq); do
       case $t in meshgate) port=$D_MESH ;; knot) port=$D_KNOT ;; nsd) port=$D_NSD ;; dnsmasq) port=$D_DNSMASQ ;; esac
       c0=$(cpu_ticks "${PID_OF[dns-$t]}")
       out=$(load dnsperf -s 127.0.0.1 -p "$port" -d "$TMP/queries.txt" -l "$DURATION" -c 4 -T 1 -q 200 2>&1)
@@ -610,7 +617,7 @@ EOF
   local rate
   rate=$(python3 -c "import sys; print(int(min(float(x) for x in sys.argv[1:]) * 0.7 // 1000 * 1000))" "${ceil[@]}")
   for r in $(seq "$ROUNDS"); do
-    for t in meshgate knot nsd dnsmasq; do
+    for t in $(rotated "$r" meshgate knot nsd dnsmasq); do
       case $t in meshgate) port=$D_MESH ;; knot) port=$D_KNOT ;; nsd) port=$D_NSD ;; dnsmasq) port=$D_DNSMASQ ;; esac
       c0=$(cpu_ticks "${PID_OF[dns-$t]}")
       out=$(load dnsperf -s 127.0.0.1 -p "$port" -d "$TMP/queries.txt" -l "$DURATION" -c 4 -T 1 -q 200 -Q "$rate" 2>&1)
@@ -660,7 +667,7 @@ EOF
   check_alive udp-knot meshgate nginx || exit 1
   local r t port c0 c1 out qps lost cpu
   for r in $(seq "$ROUNDS"); do
-    for t in direct meshgate nginx; do
+    for t in $(rotated "$r" direct meshgate nginx); do
       case $t in direct) port=$U_KNOT ;; meshgate) port=$U_MESH ;; nginx) port=$U_NGINX ;; esac
       c0=$( [ $t != direct ] && cpu_ticks "${PID_OF[$t]}" || echo 0)
       out=$(load dnsperf -s 127.0.0.1 -p "$port" -d "$TMP/queries.txt" -l "$DURATION" -c 4 -T 1 -q 200 2>&1)
