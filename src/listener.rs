@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -194,7 +196,14 @@ impl ListenerSet {
     }
 }
 
-fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+/// A listening socket in the event loop, accepted from with `accept4` directly: tokio's
+/// `TcpListener` registers every connection it accepts, and HTTP connections join the event
+/// loop only when they have to wait ([`crate::tcpio::LazyTcp`]).
+pub type Listener = AsyncFd<std::net::TcpListener>;
+
+/// A TCP listening socket on `addr` (`SO_REUSEADDR`, and `SO_REUSEPORT` if asked).
+#[allow(unsafe_code)]
+pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Listener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -211,7 +220,31 @@ fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> 
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    let listener: std::net::TcpListener = socket.into();
+    // SAFETY: the descriptor is the listener's own, and the listener lives inside the `AsyncFd`
+    // for the `AsyncFd`'s whole life: open, and the same socket, until it is dropped.
+    Ok(unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }?)
+}
+
+/// The next connection, non-blocking and not in the event loop, and its peer's address.
+pub async fn accept(listener: &Listener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    use rustix::net::SocketFlags;
+    loop {
+        let mut ready = listener.readable().await?;
+        let accepted = ready.try_io(|l| {
+            let (fd, addr) =
+                rustix::net::acceptfrom_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+            let peer = addr
+                .and_then(|a| SocketAddr::try_from(a).ok())
+                .ok_or_else(|| std::io::Error::other("accepted a non-IP peer"))?;
+            Ok((std::net::TcpStream::from(fd), peer))
+        });
+        match accepted {
+            Ok(r) => return r,
+            // Would block: readiness cleared, wait again.
+            Err(_) => continue,
+        }
+    }
 }
 
 /// A UDP listener socket, in the event loop for READABLE only (see [`crate::udpio`]).
@@ -233,7 +266,7 @@ fn bind_udp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<crate::udpio:
 async fn accept_loop(
     key: ListenKey,
     owner: String,
-    listener: TcpListener,
+    listener: Listener,
     ctx: ListenerContext,
     stop_accept: crate::stop::Graceful,
     tracker: TaskTracker,
@@ -242,7 +275,7 @@ async fn accept_loop(
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            r = accept(&listener) => r,
             _ = stop_accept.cancelled() => return,
         };
         let (stream, peer) = match accepted {
@@ -304,7 +337,7 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for ConnTask<F> {
 fn spawn_connection(
     key: &ListenKey,
     owner: &Arc<str>,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
     ctx: &ListenerContext,
     stop: &crate::stop::Graceful,
@@ -317,6 +350,14 @@ fn spawn_connection(
             let Some(route) = route else {
                 tracing::debug!(listener = %key, "no route (table changing); closing");
                 return;
+            };
+            // A byte stream waits for either side at once: in the event loop from the start.
+            let stream = match TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(listener = %key, error = %e, "connection not registered; closing");
+                    return;
+                }
             };
             // The listener's graceful stop means nothing to a byte stream (it goes on); its hard
             // stop (the drain deadline) drops the connection.
@@ -335,7 +376,7 @@ fn spawn_connection(
                 Arc::clone(&ctx.http),
                 Arc::clone(&ctx.table),
                 Arc::clone(owner),
-                stream,
+                stream.into(),
                 peer,
                 stop.clone(),
             );

@@ -13,6 +13,7 @@
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -23,7 +24,7 @@ use tokio::net::TcpStream;
 /// `recv(2)` into the spare capacity of `buf` (there must be some); its length grows by what
 /// was read. A would-block is `ErrorKind::WouldBlock`: call it inside `try_io`.
 #[inline]
-pub(crate) fn recv_spare(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+pub(crate) fn recv_spare(s: impl AsFd, buf: &mut Vec<u8>) -> io::Result<usize> {
     debug_assert!(buf.capacity() > buf.len());
     let (n, _) = rustix::net::recv(s, rustix::buffer::spare_capacity(buf), RecvFlags::empty())?;
     Ok(n)
@@ -32,7 +33,7 @@ pub(crate) fn recv_spare(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> 
 /// `send(2)` of `data` (no `SIGPIPE`). A would-block is `ErrorKind::WouldBlock`: call it
 /// inside `try_io`.
 #[inline]
-pub(crate) fn send(s: &TcpStream, data: &[u8]) -> io::Result<usize> {
+pub(crate) fn send(s: impl AsFd, data: &[u8]) -> io::Result<usize> {
     Ok(rustix::net::send(s, data, SendFlags::NOSIGNAL)?)
 }
 
@@ -107,6 +108,167 @@ pub(crate) async fn write_all(to: &TcpStream, data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A client connection that joins the event loop only when it first has to wait, as HAProxy
+/// does ("speculative I/O"): a request that is already in the socket when the connection is
+/// accepted is read, and its response written, by plain system calls, so a connection that
+/// closes without ever waiting (one request per connection) costs no `epoll_ctl` (`ADD` when
+/// a socket is registered, `DEL` when it is dropped): 2 of its ~9 system calls.
+#[derive(Debug)]
+pub struct LazyTcp(Sock);
+
+#[derive(Debug)]
+enum Sock {
+    /// Not in the event loop yet.
+    Raw(std::net::TcpStream),
+    Registered(TcpStream),
+    /// Its registration failed: the socket is closed.
+    Gone,
+}
+
+impl From<std::net::TcpStream> for LazyTcp {
+    /// A socket not registered yet; it must be non-blocking.
+    fn from(s: std::net::TcpStream) -> LazyTcp {
+        LazyTcp(Sock::Raw(s))
+    }
+}
+
+impl From<TcpStream> for LazyTcp {
+    fn from(s: TcpStream) -> LazyTcp {
+        LazyTcp(Sock::Registered(s))
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::from(io::ErrorKind::NotConnected)
+}
+
+impl LazyTcp {
+    /// Not in the event loop yet.
+    pub fn is_raw(&self) -> bool {
+        matches!(self.0, Sock::Raw(_))
+    }
+
+    /// The socket in the event loop (registered now if it was not).
+    #[inline]
+    pub fn registered(&mut self) -> io::Result<&mut TcpStream> {
+        if !matches!(self.0, Sock::Registered(_)) {
+            self.register()?;
+        }
+        match &mut self.0 {
+            Sock::Registered(s) => Ok(s),
+            _ => unreachable!("registered above"),
+        }
+    }
+
+    /// Once per connection at most, and not at all for most of those that close after one
+    /// request: out of line.
+    #[cold]
+    #[inline(never)]
+    fn register(&mut self) -> io::Result<()> {
+        match std::mem::replace(&mut self.0, Sock::Gone) {
+            Sock::Raw(raw) => {
+                self.0 = Sock::Registered(TcpStream::from_std(raw)?);
+                Ok(())
+            }
+            Sock::Registered(s) => {
+                self.0 = Sock::Registered(s);
+                Ok(())
+            }
+            Sock::Gone => Err(gone()),
+        }
+    }
+
+    /// [`LazyTcp::registered`], by value.
+    pub fn into_registered(mut self) -> io::Result<TcpStream> {
+        self.registered()?;
+        match self.0 {
+            Sock::Registered(s) => Ok(s),
+            _ => Err(gone()),
+        }
+    }
+
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        match &self.0 {
+            Sock::Raw(s) => s.set_nodelay(on),
+            Sock::Registered(s) => s.set_nodelay(on),
+            Sock::Gone => Err(gone()),
+        }
+    }
+
+    /// Read into the spare capacity of `buf` (there must be some) without waiting:
+    /// `WouldBlock` if nothing is there. On a registered socket, through `try_io`.
+    pub(crate) fn try_recv_spare(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        match &self.0 {
+            Sock::Raw(s) => recv_spare(s, buf),
+            Sock::Registered(s) => s.try_io(Interest::READABLE, || recv_spare(s, buf)),
+            Sock::Gone => Err(gone()),
+        }
+    }
+
+    /// Read into the spare capacity of `buf` (there must be some), waiting if need be (the
+    /// socket is registered then); 0 = EOF.
+    pub(crate) async fn recv_some(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        if let Sock::Raw(s) = &self.0 {
+            match recv_spare(s, buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+        }
+        let s = &*self.registered()?;
+        let spare = buf.capacity() - buf.len();
+        std::future::poll_fn(|cx| poll_recv(s, cx, spare, || recv_spare(s, buf))).await
+    }
+
+    /// Write all of `data`: by plain `send`s while they take it all, then (registered) waiting
+    /// for writability as [`write_all`].
+    pub(crate) async fn send_all(&mut self, data: &[u8]) -> io::Result<()> {
+        let mut off = 0;
+        if let Sock::Raw(s) = &self.0 {
+            while off < data.len() {
+                match send(s, &data[off..]) {
+                    Ok(n) => off += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            if off == data.len() {
+                return Ok(());
+            }
+        }
+        write_all(self.registered()?, &data[off..]).await
+    }
+}
+
+impl AsyncWrite for LazyTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Sock::Raw(s) = &self.0 {
+            match send(s, data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return Poll::Ready(other),
+            }
+        }
+        let s = &*self.registered()?;
+        poll_send(s, cx, || send(s, data))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let s = match &self.0 {
+            Sock::Raw(s) => socket2::SockRef::from(s),
+            Sock::Registered(s) => socket2::SockRef::from(s),
+            Sock::Gone => return Poll::Ready(Err(gone())),
+        };
+        Poll::Ready(s.shutdown(Shutdown::Write))
+    }
 }
 
 /// A `TcpStream` whose `AsyncRead` and `AsyncWrite` are direct system calls; a short read
@@ -209,6 +371,56 @@ mod tests {
         assert_eq!(all.len(), expect.len());
         assert!(all == expect);
         drop(writer.await.unwrap());
+    }
+
+    /// A `LazyTcp` stays out of the event loop while the bytes are there to read and the
+    /// socket takes what is sent; it joins the loop to wait for bytes not sent yet, and then
+    /// gets them.
+    #[tokio::test]
+    async fn lazy_tcp_registers_only_to_wait() {
+        let l = crate::listener::bind_tcp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = l.get_ref().local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"first").await.unwrap();
+        // Loopback delivers in the sender's system call, unless softirqs are deferred to
+        // ksoftirqd on a loaded machine: a moment for that.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let (raw, _) = crate::listener::accept(&l).await.unwrap();
+        let mut lazy = LazyTcp::from(raw);
+        // Already there: read without waiting.
+        let mut buf = Vec::with_capacity(64);
+        assert_eq!(lazy.recv_some(&mut buf).await.unwrap(), 5);
+        assert_eq!(&buf[..], b"first");
+        assert!(lazy.is_raw(), "bytes already there need no registration");
+        lazy.send_all(b"answer").await.unwrap();
+        AsyncWriteExt::write_all(&mut lazy, b"!").await.unwrap();
+        assert!(
+            lazy.is_raw(),
+            "a send the socket takes needs no registration"
+        );
+        let mut got = [0u8; 7];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"answer!");
+        // Nothing there: `try_recv_spare` says so, and `recv_some` waits in the event loop.
+        buf.clear();
+        let e = lazy.try_recv_spare(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            client.write_all(b"later").await.unwrap();
+            client
+        });
+        assert_eq!(lazy.recv_some(&mut buf).await.unwrap(), 5);
+        assert_eq!(&buf[..], b"later");
+        assert!(!lazy.is_raw(), "waiting registered it");
+        let mut client = later.await.unwrap();
+        lazy.send_all(b"bye").await.unwrap();
+        AsyncWriteExt::shutdown(&mut lazy).await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(&rest[..], b"bye");
+        let s = lazy.into_registered().unwrap();
+        assert_eq!(s.peer_addr().unwrap(), client.local_addr().unwrap());
     }
 
     /// `recv_spare` and `write_all` on plain tokio sockets; EOF reads 0.

@@ -29,6 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::tcpio::LazyTcp;
+
 use super::accesslog::{unix_ms, AccessRecord};
 use super::error::{is_idempotent, ProxyError};
 use super::h1pool::{idle_or_connect, Reusable};
@@ -67,7 +69,8 @@ impl Reusable for TcpStream {
 
 /// The client side of one connection.
 pub(crate) struct Client {
-    stream: TcpStream,
+    /// Registered with the event loop only once it has to wait ([`LazyTcp`]).
+    stream: LazyTcp,
     /// Taken from a per-thread cache when a request's first bytes arrive and given back when
     /// its response is over; an idle connection keeps them only if pipelined bytes wait.
     b: Slot,
@@ -178,7 +181,7 @@ mod bufs_cache {
 
 impl Client {
     /// A connection with no buffers yet (they are taken when bytes arrive).
-    pub(crate) fn new(stream: TcpStream) -> Client {
+    pub(crate) fn new(stream: LazyTcp) -> Client {
         Client {
             stream,
             b: Slot(None),
@@ -207,7 +210,7 @@ impl Client {
     }
 
     /// The stream and the buffers of a request in progress, borrowed apart.
-    fn parts(&mut self) -> (&mut TcpStream, &mut Bufs) {
+    fn parts(&mut self) -> (&mut LazyTcp, &mut Bufs) {
         let b = self
             .b
             .0
@@ -223,15 +226,34 @@ impl Client {
     }
 
     /// Hand the connection over to hyper: the bytes read and not consumed go in front.
-    fn into_rewind(mut self) -> Rewind {
+    fn into_rewind(mut self) -> io::Result<Rewind> {
         let pre = self.pending().to_vec();
         if let Some(b) = self.b.0.take() {
             bufs_cache::give(b);
         }
-        Rewind {
+        Ok(Rewind {
             pre,
             pos: 0,
-            inner: self.stream,
+            inner: self.stream.into_registered()?,
+        })
+    }
+
+    /// A new connection: read what the client has sent already, without joining the event
+    /// loop ([`LazyTcp`]). Nothing there yet: the socket is registered, to wait for it.
+    /// `false`: closed or failed.
+    fn read_early(&mut self) -> bool {
+        self.ensure_buffers();
+        let read = {
+            let (stream, b) = self.parts();
+            stream.try_recv_spare(&mut b.buf)
+        };
+        match read {
+            Ok(n) => n > 0,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.release_buffers();
+                self.stream.registered().is_ok()
+            }
+            Err(_) => false,
         }
     }
 
@@ -257,7 +279,7 @@ impl Client {
                 return Err(io::Error::other("head too large"));
             }
         }
-        read_some(stream, &mut b.buf).await
+        stream.recv_some(&mut b.buf).await
     }
 }
 
@@ -305,10 +327,16 @@ pub(crate) fn serve(
     mut c: Client,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
+        if c.stream.is_raw() && !c.read_early() {
+            return;
+        }
         loop {
             let deadline = if c.pending().is_empty() {
+                let Ok(stream) = c.stream.registered() else {
+                    return;
+                };
                 let idle = Idle {
-                    stream: &c.stream,
+                    stream,
                     stop: &conn.shutdown,
                     sleep: tokio::time::sleep(conn.settings.header_read_timeout),
                 };
@@ -327,13 +355,13 @@ pub(crate) fn serve(
                 Next::KeepAlive => {}
                 Next::Close => return,
                 Next::H2 => {
-                    let io = c.into_rewind();
+                    let Ok(io) = c.into_rewind() else { return };
                     // Boxed: hyper's connection futures are large, and an idle fast-path connection
                     // should not carry their size.
                     return Box::pin(super::server::serve_h2(conn, io)).await;
                 }
                 Next::Fallback => {
-                    let io = c.into_rewind();
+                    let Ok(io) = c.into_rewind() else { return };
                     return Box::pin(super::server::serve_h1(conn, io)).await;
                 }
             }
@@ -410,7 +438,7 @@ fn one_request<'a>(
             Err(_) => {
                 // Answer only a client that started a request (as the hyper path does).
                 if !c.pending().is_empty() {
-                    let _ = crate::tcpio::write_all(&c.stream, super::server::RESPONSE_408).await;
+                    let _ = c.stream.send_all(super::server::RESPONSE_408).await;
                 }
                 tracing::debug!(peer = %conn.peer, entrypoint = %conn.entrypoint, "request head timed out");
                 return Next::Close;
@@ -919,13 +947,12 @@ fn exchange<'a>(
             let mut interim_sent = false;
             let head = if whole {
                 let (stream, b) = c.parts();
-                let (_, mut cw) = stream.split();
                 let close_client = req.close || conn.shutdown.is_cancelled();
                 read_response_head(
                     &up,
                     &mut b.ubuf,
                     &mut b.out,
-                    &mut cw,
+                    stream,
                     head_request,
                     close_client,
                     spec.timeouts.response,
@@ -1070,6 +1097,8 @@ async fn stream_body_then_head(
     let close_client = req.close || conn.shutdown.is_cancelled();
     let (up_r, mut up_w) = up.split();
     let (stream, b) = c.parts();
+    // Client and upstream both ways at once: the event loop's readiness for each.
+    let stream = stream.registered().map_err(|_| Side::Client)?;
     let Bufs {
         buf,
         pos,
@@ -1151,7 +1180,7 @@ async fn relay_response(up: &mut TcpStream, c: &mut Client, resp: &Response) -> 
     let (stream, b) = c.parts();
     b.out
         .extend_from_slice(&b.ubuf[resp.head_len..resp.head_len + n]);
-    if crate::tcpio::write_all(stream, &b.out).await.is_err() {
+    if stream.send_all(&b.out).await.is_err() {
         return (0, false, false);
     }
     let mut sent = n as u64;
@@ -1169,7 +1198,7 @@ async fn relay_response(up: &mut TcpStream, c: &mut Client, resp: &Response) -> 
             Ok(t) => t,
             Err(BadChunk) => return (sent, false, false),
         };
-        if crate::tcpio::write_all(stream, &b.ubuf[..n]).await.is_err() {
+        if stream.send_all(&b.ubuf[..n]).await.is_err() {
             return (sent, false, false);
         }
         sent += n as u64;
@@ -1214,7 +1243,7 @@ async fn write_local(
     }
     head.extend_from_slice(b"\r\n\r\n");
     head.extend_from_slice(body.as_bytes());
-    crate::tcpio::write_all(&c.stream, &head).await
+    c.stream.send_all(&head).await
 }
 
 /// The client stream with the bytes already read put back in front, for hyper.

@@ -45,7 +45,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 
 pub use self::accesslog::{AccessLog, AccessLogConfig, LogFormat};
 pub use self::error::ProxyError;
@@ -189,7 +188,7 @@ pub fn serve_connection(
     ctx: Arc<HttpContext>,
     table: Arc<ArcSwap<RoutingTable>>,
     entrypoint: Arc<str>,
-    stream: TcpStream,
+    stream: crate::tcpio::LazyTcp,
     peer: SocketAddr,
     shutdown: crate::stop::Graceful,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -237,12 +236,15 @@ pub fn serve_connection(
     // largest possible state, and plain HTTP/1 connections (the many idle keep-alive ones)
     // should not pay for a TLS session and a hyper connection.
     let serve = match (conn.settings.kind, tls_config) {
-        (EntrypointKind::TlsPassthrough, _) => {
-            Either::Right(Box::pin(passthrough::serve(conn, stream)) as Boxed)
-        }
-        (EntrypointKind::Https, Some(config)) => {
-            Either::Right(Box::pin(server::serve_tls(conn, stream, config)) as Boxed)
-        }
+        // TLS waits for the handshake's messages anyway: in the event loop from the start.
+        (EntrypointKind::TlsPassthrough, _) => match stream.into_registered() {
+            Ok(stream) => Either::Right(Box::pin(passthrough::serve(conn, stream)) as Boxed),
+            Err(_) => Either::Right(Box::pin(std::future::ready(())) as Boxed),
+        },
+        (EntrypointKind::Https, Some(config)) => match stream.into_registered() {
+            Ok(stream) => Either::Right(Box::pin(server::serve_tls(conn, stream, config)) as Boxed),
+            Err(_) => Either::Right(Box::pin(std::future::ready(())) as Boxed),
+        },
         _ => Either::Left(fast1::serve(conn, fast1::Client::new(stream))),
     };
     crate::stop::Stoppable::new(serve, stop)

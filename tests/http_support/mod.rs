@@ -62,8 +62,11 @@ impl Proxy {
         }
         let table = Arc::new(ArcSwap::from_pointee(table));
         let ctx = HttpContext::with_config(config);
-        let listener = TcpListener::bind(bind).await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        // The listener's own socket and accept: connections reach `serve_connection` outside
+        // the event loop, as in meshgate (`LazyTcp`).
+        let listener =
+            meshgate::listener::bind_tcp(bind.parse().expect("a socket address"), false).unwrap();
+        let addr = listener.get_ref().local_addr().unwrap();
         let hard_stop = CancellationToken::new();
         let shutdown = meshgate::stop::Graceful::new(hard_stop.clone());
         let (t, c, s, name) = (
@@ -75,10 +78,10 @@ impl Proxy {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    r = listener.accept() => {
+                    r = meshgate::listener::accept(&listener) => {
                         let Ok((stream, peer)) = r else { continue };
                         tokio::spawn(meshgate::http::serve_connection(
-                            Arc::clone(&c), Arc::clone(&t), Arc::clone(&name), stream, peer, s.clone(),
+                            Arc::clone(&c), Arc::clone(&t), Arc::clone(&name), stream.into(), peer, s.clone(),
                         ));
                     }
                     _ = s.cancelled() => return,
