@@ -78,6 +78,23 @@ pub(crate) fn poll_recv(
     }
 }
 
+/// Read into the spare capacity of `buf` (there must be some); 0 = EOF. A short read clears
+/// the read readiness ([`poll_recv`]): one syscall less per message.
+pub(crate) async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_some(stream, cx, buf)).await
+}
+
+/// [`read_some`] for `poll` code (a response body read by hyper).
+pub(crate) fn poll_read_some(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut Vec<u8>,
+) -> Poll<io::Result<usize>> {
+    let spare = buf.capacity() - buf.len();
+    debug_assert!(spare > 0);
+    poll_recv(stream, cx, spare, || recv_spare(stream, buf))
+}
+
 /// Send once `s` is writable: `send` writes and returns how many bytes went out; a
 /// would-block clears the write readiness and waits again.
 pub(crate) fn poll_send(
@@ -164,20 +181,16 @@ impl LazyTcp {
 
     /// Once per connection at most, and not at all for most of those that close after one
     /// request: out of line.
+    /// Called only when not registered: raw, or gone after a failed registration.
     #[cold]
     #[inline(never)]
     fn register(&mut self) -> io::Result<()> {
-        match std::mem::replace(&mut self.0, Sock::Gone) {
-            Sock::Raw(raw) => {
-                self.0 = Sock::Registered(TcpStream::from_std(raw)?);
-                Ok(())
-            }
-            Sock::Registered(s) => {
-                self.0 = Sock::Registered(s);
-                Ok(())
-            }
-            Sock::Gone => Err(gone()),
-        }
+        debug_assert!(!matches!(self.0, Sock::Registered(_)));
+        let Sock::Raw(raw) = std::mem::replace(&mut self.0, Sock::Gone) else {
+            return Err(gone());
+        };
+        self.0 = Sock::Registered(TcpStream::from_std(raw)?);
+        Ok(())
     }
 
     /// [`LazyTcp::registered`], by value.
@@ -216,9 +229,7 @@ impl LazyTcp {
                 other => return other,
             }
         }
-        let s = &*self.registered()?;
-        let spare = buf.capacity() - buf.len();
-        std::future::poll_fn(|cx| poll_recv(s, cx, spare, || recv_spare(s, buf))).await
+        read_some(self.registered()?, buf).await
     }
 
     /// Write all of `data`: by plain `send`s while they take it all, then (registered) waiting

@@ -47,7 +47,7 @@ use crate::balance::Exclude;
 use crate::clock;
 use crate::model::HttpUpstream;
 use crate::proxy::copy::bufs::BUF_SIZE;
-use crate::proxy::copy::read_some;
+use crate::tcpio::read_some;
 
 /// Headers parsed per head on the stack; an entrypoint allowing more uses hyper.
 const MAX_PARSED_HEADERS: usize = 128;
@@ -239,8 +239,8 @@ impl Client {
     }
 
     /// A new connection: read what the client has sent already, without joining the event
-    /// loop ([`LazyTcp`]). Nothing there yet: the socket is registered, to wait for it.
-    /// `false`: closed or failed.
+    /// loop ([`LazyTcp`]). Nothing there yet: the buffers go back, and the idle wait registers
+    /// the socket. `false`: closed or failed.
     fn read_early(&mut self) -> bool {
         self.ensure_buffers();
         let read = {
@@ -251,7 +251,7 @@ impl Client {
             Ok(n) => n > 0,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.release_buffers();
-                self.stream.registered().is_ok()
+                true
             }
             Err(_) => false,
         }

@@ -36,7 +36,7 @@ use super::h1wire::{
 };
 use super::headers::{write_forwarding, ForwardInfo};
 use crate::proxy::copy::bufs::{self, BUF_SIZE};
-use crate::proxy::copy::{poll_read_some, read_some};
+use crate::tcpio::{poll_read_some, read_some};
 
 /// Headers parsed in a response head.
 const MAX_RESPONSE_HEADERS: usize = 128;

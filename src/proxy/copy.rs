@@ -26,6 +26,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::clock;
+use crate::tcpio::read_some;
 
 /// How a direction carrying a stream moves its bytes (the `l4_copy` setting).
 ///
@@ -240,23 +241,6 @@ pub(crate) mod bufs {
             }
         });
     }
-}
-
-/// Read into the spare capacity of `buf` (there must be some); 0 = EOF. A short read clears
-/// the read readiness ([`crate::tcpio::poll_recv`]): one syscall less per message.
-pub(crate) async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    std::future::poll_fn(|cx| poll_read_some(stream, cx, buf)).await
-}
-
-/// [`read_some`] for `poll` code (a response body read by hyper).
-pub(crate) fn poll_read_some(
-    stream: &TcpStream,
-    cx: &mut Context<'_>,
-    buf: &mut Vec<u8>,
-) -> Poll<io::Result<usize>> {
-    let spare = buf.capacity() - buf.len();
-    debug_assert!(spare > 0);
-    crate::tcpio::poll_recv(stream, cx, spare, || crate::tcpio::recv_spare(stream, buf))
 }
 
 /// Wait until `s` is readable, through the socket's own reader waker slot: no waiter node in
