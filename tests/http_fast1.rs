@@ -8,7 +8,7 @@ mod http_support;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_support::*;
 use meshgate::http::HttpConfig;
@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A scripted HTTP/1.1 endpoint: answers each request head (bodies are not read) with the
-/// canned bytes for its path; `/close` answers until close; with `one_shot` every connection
+/// canned bytes for its path (`/slow` after 700 ms); `/close` answers until close; with `one_shot` every connection
 /// is closed after one answer (without saying so). Returns its address and accept count.
 async fn scripted(one_shot: bool) -> (SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -67,6 +67,9 @@ async fn scripted(one_shot: bool) -> (SocketAddr, Arc<AtomicUsize>) {
                         }
                         _ => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec(),
                     };
+                    if path == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                    }
                     if s.write_all(&reply).await.is_err() {
                         return;
                     }
@@ -390,4 +393,42 @@ async fn graceful_stop_closes_idle_connections_and_hard_stop_cuts_the_rest() {
         .await
         .expect("the hard stop cuts the request in flight");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}
+
+/// A keep-alive connection's idle timer is made once and moved at each wait: a client that
+/// comes back within the timeout each time keeps its connection well past the first deadline,
+/// a response slower than the timeout (the timer fires while it is served) does not end the
+/// connection, and an idle one is still closed once the timeout has passed.
+#[tokio::test]
+async fn keep_alive_idle_timer_moves_with_each_request() {
+    let (be, _) = scripted(false).await;
+    let mut s = Setup::new(EntrypointKind::Http);
+    s.service("svc", &[be]);
+    s.router("r", "PathPrefix(`/`)", "svc", 0);
+    s.entrypoint().header_read_timeout = Some(Duration::from_millis(400));
+    let proxy = Proxy::start(&s.0, "web", HttpConfig::default()).await;
+
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let hello = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+    let start = Instant::now();
+    for path in ["/a", "/b", "/c", "/d", "/slow", "/e"] {
+        c.write_all(format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(read_n(&mut c, hello.len()).await, hello, "{path}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(start.elapsed() > Duration::from_secs(2));
+    // Idle for 250 ms already: closed (no response) about 150 ms from now.
+    let idle = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(STEP, c.read(&mut buf))
+        .await
+        .expect("an idle connection is closed after its timeout");
+    assert_eq!(n.unwrap(), 0, "closed without a response");
+    let waited = idle.elapsed() + Duration::from_millis(250);
+    assert!(
+        waited >= Duration::from_millis(380),
+        "closed after {waited:?} idle, before the 400 ms timeout"
+    );
 }

@@ -27,7 +27,7 @@ use std::task::{Context, Poll};
 use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::tcpio::LazyTcp;
 
@@ -324,21 +324,25 @@ enum Parsed {
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn serve(
     conn: Arc<ConnState>,
-    mut c: Client,
+    c: Client,
 ) -> impl std::future::Future<Output = ()> + Send {
+    // Made here, not inside the block: a value moved into a new local there would take a
+    // second slot in the future beside the captured one.
+    let mut w = Waiting { c, timer: None };
     async move {
-        if c.stream.is_raw() && !c.read_early() {
+        if w.c.stream.is_raw() && !w.c.read_early() {
             return;
         }
         loop {
-            let deadline = if c.pending().is_empty() {
-                let Ok(stream) = c.stream.registered() else {
+            let deadline = if w.c.pending().is_empty() {
+                if w.c.stream.registered().is_err() {
                     return;
-                };
+                }
+                let at = Instant::now() + conn.settings.header_read_timeout;
+                w.arm(at);
                 let idle = Idle {
-                    stream,
+                    w: &mut w,
                     stop: &conn.shutdown,
-                    sleep: tokio::time::sleep(conn.settings.header_read_timeout),
                 };
                 match idle.await {
                     (Woke::Readable, deadline) => deadline,
@@ -351,21 +355,56 @@ pub(crate) fn serve(
             } else {
                 Instant::now() + conn.settings.header_read_timeout
             };
-            match super::reused::ReusedBox::new(one_request(&conn, &mut c, deadline)).await {
+            match super::reused::ReusedBox::new(one_request(&conn, &mut w.c, deadline)).await {
                 Next::KeepAlive => {}
                 Next::Close => return,
                 Next::H2 => {
-                    let Ok(io) = c.into_rewind() else { return };
+                    let Ok(io) = w.c.into_rewind() else { return };
                     // Boxed: hyper's connection futures are large, and an idle fast-path connection
                     // should not carry their size.
                     return Box::pin(super::server::serve_h2(conn, io)).await;
                 }
                 Next::Fallback => {
-                    let Ok(io) = c.into_rewind() else { return };
+                    let Ok(io) = w.c.into_rewind() else { return };
                     return Box::pin(super::server::serve_h1(conn, io)).await;
                 }
             }
-            c.release_buffers();
+            w.c.release_buffers();
+        }
+    }
+}
+
+/// A connection's client side and its header timer, side by side so that the idle wait holds
+/// one pointer to both.
+///
+/// The timer is made at the first wait and kept for the connection's life: each later wait
+/// moves its deadline later, an atomic update of its entry in tokio's timer wheel, where a new
+/// timer per wait cost an insertion and a removal under the wheel's lock (callgrind, keep-alive:
+/// 210-260 fewer instructions per request, ~2 %). Left armed while a request is served, it may wake the
+/// task once for nothing.
+///
+/// A `Waiting` exists only as a local of [`serve`]'s future, which does not move once polled;
+/// `w.c` may be moved out of it (to hand the connection to hyper), `w.timer` never is.
+struct Waiting {
+    c: Client,
+    timer: Option<Sleep>,
+}
+
+impl Waiting {
+    /// The timer, pinned where it is.
+    #[allow(unsafe_code)]
+    fn timer(&mut self) -> Pin<&mut Option<Sleep>> {
+        // SAFETY: `self` is a local of `serve`'s pinned future (above) and the timer is never
+        // moved out of it; it is dropped in place with that future.
+        unsafe { Pin::new_unchecked(&mut self.timer) }
+    }
+
+    /// Set the timer to `at`: made the first time, moved after that.
+    fn arm(&mut self, at: Instant) {
+        let mut timer = self.timer();
+        match timer.as_mut().as_pin_mut() {
+            Some(sleep) => sleep.reset(at),
+            None => timer.set(Some(tokio::time::sleep_until(at))),
         }
     }
 }
@@ -378,37 +417,41 @@ enum Woke {
     TimedOut,
 }
 
-pin_project_lite::pin_project! {
-    /// A keep-alive connection between requests: read readiness through the stream's own waker
-    /// slot (no waiter node), the graceful stop (checked when polled: [`super::Connection`]
-    /// polls on it), and the header timer, whose deadline also bounds the next head. A named
-    /// future rather than `timeout_at(poll_fn(..))`: no copy of the deadline beside the timer.
-    struct Idle<'a> {
-        stream: &'a TcpStream,
-        stop: &'a crate::stop::Graceful,
-        #[pin]
-        sleep: tokio::time::Sleep,
-    }
+/// A keep-alive connection between requests: read readiness through the stream's own waker
+/// slot (no waiter node), the graceful stop (checked when polled: [`super::Connection`]
+/// polls on it), and the header timer, whose deadline also bounds the next head. A named
+/// future rather than `timeout_at(poll_fn(..))`: no copy of the deadline beside the timer.
+/// Made only with the stream registered and the timer set.
+struct Idle<'a> {
+    w: &'a mut Waiting,
+    stop: &'a crate::stop::Graceful,
 }
 
 impl std::future::Future for Idle<'_> {
     type Output = (Woke, Instant);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let deadline = this.sleep.deadline();
-        if this.stop.is_cancelled() {
-            return Poll::Ready((Woke::Stop, deadline));
+        let this = self.get_mut();
+        let woke = if this.stop.is_cancelled() {
+            Some(Woke::Stop)
+        } else {
+            match this.w.c.stream.registered() {
+                Ok(stream) => match stream.poll_read_ready(cx) {
+                    Poll::Ready(Ok(_)) => Some(Woke::Readable),
+                    Poll::Ready(Err(_)) => Some(Woke::Stop),
+                    Poll::Pending => None,
+                },
+                Err(_) => Some(Woke::Stop),
+            }
+        };
+        let Some(sleep) = this.w.timer().as_pin_mut() else {
+            return Poll::Ready((Woke::Stop, Instant::now()));
+        };
+        let deadline = sleep.deadline();
+        match woke {
+            Some(woke) => Poll::Ready((woke, deadline)),
+            None => sleep.poll(cx).map(|()| (Woke::TimedOut, deadline)),
         }
-        if let Poll::Ready(r) = this.stream.poll_read_ready(cx) {
-            let woke = if r.is_ok() {
-                Woke::Readable
-            } else {
-                Woke::Stop
-            };
-            return Poll::Ready((woke, deadline));
-        }
-        this.sleep.poll(cx).map(|()| (Woke::TimedOut, deadline))
     }
 }
 
