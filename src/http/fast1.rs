@@ -40,6 +40,7 @@ use super::h1wire::{
 };
 use super::headers::{write_forwarding, Prior};
 use super::proxy::ConnState;
+use super::reused::ReusedBox;
 use super::router::Target;
 use super::rule::RequestView;
 use super::timers::within;
@@ -355,7 +356,11 @@ pub(crate) fn serve(
             } else {
                 Instant::now() + conn.settings.header_read_timeout
             };
-            match super::reused::ReusedBox::new(one_request(&conn, &mut w.c, deadline)).await {
+            // Built in its block ([`ReusedBox::new`]); a `move` closure over references, so
+            // that no local of this loop is borrowed (and kept) across the await.
+            let (conn_ref, client) = (&conn, &mut w.c);
+            let request = ReusedBox::new(move || one_request(conn_ref, client, deadline));
+            match request.await {
                 Next::KeepAlive => {}
                 Next::Close => return,
                 Next::H2 => {
@@ -666,12 +671,8 @@ fn parse_request(conn: &ConnState, data: &[u8], out: &mut Vec<u8>) -> Parsed {
     let (Some(host_raw), 1) = (host, hosts) else {
         return bad;
     };
-    let Ok(host_str) = std::str::from_utf8(host_raw) else {
-        return bad;
-    };
     let mut host_buf = [0u8; 256];
-    let Some(host) = super::lowercase(super::proxy::strip_port(host_str.trim()), &mut host_buf)
-    else {
+    let Some(host) = super::host_key(host_raw, &mut host_buf) else {
         return bad;
     };
     if conn.settings.redirect_to_https {

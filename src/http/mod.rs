@@ -169,6 +169,32 @@ pub(crate) fn lowercase<'b>(s: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> 
     std::str::from_utf8(out).ok()
 }
 
+/// The routing key of a `Host` header or an `:authority`: trimmed, without its port, ASCII
+/// lowercase, in `buf`; `None` if it is not UTF-8 or longer than the buffer. The same as
+/// `lowercase(strip_port(from_utf8(raw)?.trim()), buf)`, in one pass over the bytes of a
+/// plain ASCII name (the usual case, every request); bracketed IPv6 literals and non-ASCII
+/// names take that composition itself.
+pub(crate) fn host_key<'b>(raw: &[u8], buf: &'b mut [u8; 256]) -> Option<&'b str> {
+    // `str::trim`'s ASCII white space: `trim_ascii`'s and the vertical tab.
+    let ws = |b: &u8| b.is_ascii_whitespace() || *b == 0x0b;
+    let start = raw.iter().position(|b| !ws(b)).unwrap_or(raw.len());
+    let end = raw.iter().rposition(|b| !ws(b)).map_or(start, |i| i + 1);
+    let h = &raw[start..end];
+    if h.first() == Some(&b'[') || !h.is_ascii() {
+        let s = std::str::from_utf8(raw).ok()?;
+        return lowercase(proxy::strip_port(s.trim()), buf);
+    }
+    let h = match h.iter().rposition(|&b| b == b':') {
+        Some(i) if h[i + 1..].iter().all(u8::is_ascii_digit) => &h[..i],
+        _ => h,
+    };
+    let out = buf.get_mut(..h.len())?;
+    for (o, b) in out.iter_mut().zip(h) {
+        *o = b.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
 /// Serve one accepted downstream connection on entrypoint `entrypoint` until it closes or
 /// `shutdown` fires (then finish in-flight requests and close).
 ///

@@ -92,7 +92,13 @@ pub(crate) fn handle(
             client: conn.peer.ip(),
             entrypoint: Arc::clone(&conn.entrypoint),
             method: req.method().clone(),
-            host: host_of(&req).unwrap_or_default().to_string(),
+            host: {
+                let mut buf = [0u8; 256];
+                host_of(&req)
+                    .and_then(|h| super::host_key(h, &mut buf))
+                    .unwrap_or_default()
+                    .to_string()
+            },
             path: req
                 .uri()
                 .path_and_query()
@@ -150,13 +156,12 @@ fn version_str(v: Version) -> &'static str {
     }
 }
 
-/// The request's host: `Host` header, else the URI authority (HTTP/2), without the port.
-fn host_of<B>(req: &Request<B>) -> Option<&str> {
-    let raw = match req.headers().get(header::HOST) {
-        Some(h) => h.to_str().ok()?,
-        None => req.uri().authority()?.as_str(),
-    };
-    Some(strip_port(raw))
+/// The request's host as sent: `Host` header, else the URI authority (HTTP/2).
+fn host_of<B>(req: &Request<B>) -> Option<&[u8]> {
+    match req.headers().get(header::HOST) {
+        Some(h) => Some(h.as_bytes()),
+        None => Some(req.uri().authority()?.as_str().as_bytes()),
+    }
 }
 
 pub(crate) fn strip_port(host: &str) -> &str {
@@ -192,7 +197,7 @@ enum Routed {
 fn route<B>(conn: &ConnState, req: &Request<B>) -> Result<Routed, ProxyError> {
     let mut host_buf = [0u8; 256];
     let host = match host_of(req) {
-        Some(h) => super::lowercase(h, &mut host_buf).ok_or(ProxyError::BadRequest)?,
+        Some(h) => super::host_key(h, &mut host_buf).ok_or(ProxyError::BadRequest)?,
         None if req.version() == Version::HTTP_10 => "",
         None => return Err(ProxyError::BadRequest),
     };
@@ -552,6 +557,65 @@ mod tests {
         assert_eq!(strip_port("a.example"), "a.example");
         assert_eq!(strip_port("[::1]:80"), "::1");
         assert_eq!(strip_port("[::1]"), "::1");
+    }
+
+    /// The one-pass host key is the composition it replaces: trim, strip the port, lowercase,
+    /// UTF-8 or nothing.
+    #[test]
+    fn host_key_is_trim_strip_port_lowercase() {
+        fn composed(raw: &[u8]) -> Option<String> {
+            let mut buf = [0u8; 256];
+            let s = std::str::from_utf8(raw).ok()?;
+            super::super::lowercase(strip_port(s.trim()), &mut buf).map(str::to_string)
+        }
+        let long = "a".repeat(300);
+        let cases: Vec<&[u8]> = vec![
+            b"App.Example:8080",
+            b"  app.example  ",
+            b"app.example:",
+            b"app.example:80a",
+            b"APP.EXAMPLE",
+            b"[::1]:80",
+            b"[::1]",
+            b"[FE80::1]",
+            b"",
+            b":80",
+            b"127.0.0.1:24002",
+            "b\u{fc}cher.Example:443".as_bytes(),
+            b"bad\xff.example",
+            b"bad.example:\xff",
+            long.as_bytes(),
+        ];
+        for raw in cases {
+            let mut buf = [0u8; 256];
+            let got = super::super::host_key(raw, &mut buf).map(str::to_string);
+            assert_eq!(got, composed(raw), "{:?}", String::from_utf8_lossy(raw));
+        }
+        assert_eq!(
+            super::super::host_key(b" Api.Example:8443", &mut [0u8; 256]),
+            Some("api.example")
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn host_key_matches_the_composition_on_any_bytes(
+            raw in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(b" \t:[]0123456789aZ.-".to_vec()),
+                    proptest::num::u8::ANY,
+                ],
+                0..270,
+            )
+        ) {
+            let mut buf = [0u8; 256];
+            let got = super::super::host_key(&raw, &mut buf).map(str::to_string);
+            let want = std::str::from_utf8(&raw).ok().and_then(|s| {
+                let mut b = [0u8; 256];
+                super::super::lowercase(strip_port(s.trim()), &mut b).map(str::to_string)
+            });
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -108,13 +108,18 @@ unsafe impl<F: Send> Send for ReusedBox<F> {}
 unsafe impl<F> Sync for ReusedBox<F> {}
 
 impl<F> ReusedBox<F> {
-    pub(crate) fn new(f: F) -> ReusedBox<F> {
+    /// The future `make` returns, in a block. Made by a closure rather than passed by value:
+    /// inlined, the future is written straight into its block. A future passed by value is
+    /// built on the stack and copied whole, as large as its largest state (1,000 bytes for
+    /// the fast path's request), though a future not yet polled holds only its captures.
+    #[inline(always)]
+    pub(crate) fn new(make: impl FnOnce() -> F) -> ReusedBox<F> {
         let layout = Layout::new::<F>();
         if layout.size() == 0 {
             // Nothing to allocate; a dangling, aligned pointer is valid for a zero-sized value.
             let ptr = NonNull::<F>::dangling();
             // SAFETY: writing a zero-sized value through an aligned non-null pointer.
-            unsafe { ptr.as_ptr().write(f) };
+            unsafe { ptr.as_ptr().write(make()) };
             return ReusedBox {
                 ptr,
                 _owns: PhantomData,
@@ -127,7 +132,7 @@ impl<F> ReusedBox<F> {
         });
         let ptr = block.cast::<F>();
         // SAFETY: `block` is an unused allocation of `F`'s size and alignment.
-        unsafe { ptr.as_ptr().write(f) };
+        unsafe { ptr.as_ptr().write(make()) };
         ReusedBox {
             ptr,
             _owns: PhantomData,
@@ -186,15 +191,15 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_block_is_reused_and_each_future_dropped_once() {
         let drops = Arc::new(AtomicUsize::new(0));
-        let a = ReusedBox::new(tracked_future(&drops, 7));
+        let a = ReusedBox::new(|| tracked_future(&drops, 7));
         let first = a.ptr.as_ptr() as usize;
         assert_eq!(a.await, 7);
         assert_eq!(drops.load(Ordering::Relaxed), 1);
         // The same layout on the same thread: the same block.
-        let b = ReusedBox::new(tracked_future(&drops, 8));
+        let b = ReusedBox::new(|| tracked_future(&drops, 8));
         assert_eq!(b.ptr.as_ptr() as usize, first);
         // Two at once: the second needs a block of its own.
-        let c = ReusedBox::new(tracked_future(&drops, 9));
+        let c = ReusedBox::new(|| tracked_future(&drops, 9));
         assert_ne!(c.ptr.as_ptr() as usize, first);
         assert_eq!(b.await + c.await, 17);
         assert_eq!(drops.load(Ordering::Relaxed), 3);
@@ -203,7 +208,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_future_dropped_before_it_finishes_is_dropped_in_place() {
         let drops = Arc::new(AtomicUsize::new(0));
-        let mut f = ReusedBox::new(tracked_future(&drops, 1));
+        let mut f = ReusedBox::new(|| tracked_future(&drops, 1));
         // Polled once (pending at its yield), then abandoned.
         let waker = futures_noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -216,7 +221,7 @@ mod tests {
     fn kept_blocks_are_bounded_and_zero_sized_futures_need_none() {
         let drops = Arc::new(AtomicUsize::new(0));
         let many: Vec<_> = (0..KEEP_MAX + 10)
-            .map(|i| ReusedBox::new(tracked_future(&drops, i as u64)))
+            .map(|i| ReusedBox::new(|| tracked_future(&drops, i as u64)))
             .collect();
         drop(many);
         assert_eq!(drops.load(Ordering::Relaxed), KEEP_MAX + 10);
@@ -230,7 +235,7 @@ mod tests {
         });
         assert_eq!(kept, KEEP_MAX);
         assert_eq!(std::mem::size_of::<std::future::Pending<()>>(), 0);
-        let mut z = ReusedBox::new(std::future::pending::<()>());
+        let mut z = ReusedBox::new(std::future::pending::<()>);
         let waker = futures_noop_waker();
         assert!(Pin::new(&mut z)
             .poll(&mut Context::from_waker(&waker))
@@ -242,7 +247,7 @@ mod tests {
     #[test]
     fn a_block_dropped_on_another_thread_stays_there() {
         let drops = Arc::new(AtomicUsize::new(0));
-        let f = ReusedBox::new(tracked_future(&drops, 3));
+        let f = ReusedBox::new(|| tracked_future(&drops, 3));
         let layout = Layout::for_value(&tracked_future(&drops, 0));
         let kept_there = std::thread::spawn(move || {
             drop(f);
