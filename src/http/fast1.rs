@@ -384,9 +384,9 @@ pub(crate) fn serve(
 ///
 /// The timer is made at the first wait and kept for the connection's life: each later wait
 /// moves its deadline later, an atomic update of its entry in tokio's timer wheel, where a new
-/// timer per wait cost an insertion and a removal under the wheel's lock (callgrind, keep-alive:
-/// 210-260 fewer instructions per request, ~2 %). Left armed while a request is served, it may wake the
-/// task once for nothing.
+/// timer per wait cost an insertion and a removal under the wheel's lock (callgrind,
+/// keep-alive: 210-260 fewer instructions per request, ~2 %). Left armed while a request is
+/// served, it may wake the task once for nothing.
 ///
 /// A `Waiting` exists only as a local of [`serve`]'s future, which does not move once polled;
 /// `w.c` may be moved out of it (to hand the connection to hyper), `w.timer` never is.

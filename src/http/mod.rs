@@ -162,8 +162,14 @@ impl HttpContext {
 /// ASCII-lowercase `s` into `buf` without allocating; `None` if longer than the buffer
 /// (no valid host name is longer than 253 bytes).
 pub(crate) fn lowercase<'b>(s: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> {
+    lowercase_bytes(s.as_bytes(), buf)
+}
+
+/// [`lowercase`] of bytes; `None` also if they are not UTF-8.
+#[inline]
+fn lowercase_bytes<'b>(s: &[u8], buf: &'b mut [u8; 256]) -> Option<&'b str> {
     let out = buf.get_mut(..s.len())?;
-    for (o, b) in out.iter_mut().zip(s.bytes()) {
+    for (o, b) in out.iter_mut().zip(s) {
         *o = b.to_ascii_lowercase();
     }
     std::str::from_utf8(out).ok()
@@ -188,11 +194,7 @@ pub(crate) fn host_key<'b>(raw: &[u8], buf: &'b mut [u8; 256]) -> Option<&'b str
         Some(i) if h[i + 1..].iter().all(u8::is_ascii_digit) => &h[..i],
         _ => h,
     };
-    let out = buf.get_mut(..h.len())?;
-    for (o, b) in out.iter_mut().zip(h) {
-        *o = b.to_ascii_lowercase();
-    }
-    std::str::from_utf8(out).ok()
+    lowercase_bytes(h, buf)
 }
 
 /// Serve one accepted downstream connection on entrypoint `entrypoint` until it closes or
