@@ -13,6 +13,8 @@
 # Usage: benches/load/run.sh [--quick|--full] [--rounds N] [--duration S]
 #                            [--only http,close,h2,tls,l4,udp,dns,mem] [--out FILE] [--keep]
 #                            [--wait-quiet SECONDS]  (wait, bounded, for load average < 1.0)
+#                            [--tcp-cc NAME]  (the kernel's default TCP congestion control for
+#                             this run, e.g. cubic, Linux's own default; root; put back on exit)
 set -u -o pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -25,6 +27,7 @@ DURATION=
 ONLY=http,close,h2,tls,l4,udp,dns,mem
 OUT=
 KEEP=0
+SET_CC=                    # --tcp-cc: congestion control to run under (net.ipv4.tcp_congestion_control)
 WAIT_QUIET=0               # seconds to wait (at most) for the 1-minute load average to drop below 1.0
 LOAD_CPU=${LOAD_CPU:-0}
 PROXY_CPU=${PROXY_CPU:-1}
@@ -44,7 +47,8 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --keep) KEEP=1 ;;
     --wait-quiet) WAIT_QUIET=$2; shift ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    --tcp-cc) SET_CC=$2; shift ;;
+    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -115,13 +119,31 @@ stop_pids() {
   for p in "$@"; do wait "$p" 2>/dev/null; done
   return 0
 }
+CC_FILE=/proc/sys/net/ipv4/tcp_congestion_control
+OLD_CC=
 cleanup() {
   [ ${#PIDS[@]} -gt 0 ] && stop_pids "${PIDS[@]}"
   PIDS=()
+  if [ -n "$OLD_CC" ]; then echo "$OLD_CC" >"$CC_FILE" && echo "tcp_congestion_control back to $OLD_CC" >&2; fi
   if [ "$KEEP" = 1 ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# --tcp-cc: the machine's default congestion control for this run only, put back by cleanup.
+# Every target (direct included) runs under it; an algorithm the kernel lacks is an error.
+if [ -n "$SET_CC" ]; then
+  case " $(cat /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null) " in
+    *" $SET_CC "*) ;;
+    *) modprobe "tcp_$SET_CC" 2>/dev/null ;;
+  esac
+  prev=$(cat "$CC_FILE")
+  if ! echo "$SET_CC" 2>/dev/null >"$CC_FILE"; then
+    echo "--tcp-cc $SET_CC: cannot set it in $CC_FILE (not root, or an algorithm this kernel lacks; available: $(cat /proc/sys/net/ipv4/tcp_available_congestion_control))" >&2
+    exit 2
+  fi
+  OLD_CC=$prev
+fi
 
 # start NAME CMD...: run CMD pinned to the proxy core, log to $TMP/NAME.log, remember its PID.
 declare -A PID_OF
