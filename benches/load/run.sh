@@ -225,7 +225,7 @@ P=$BASE_PORT
 B_HTTP=$((P+1)); B_TCP=$((P+3)); B_IPERF=$((P+4))
 M_HTTP=$((P+101)); M_HTTPS=$((P+102)); M_L4HTTP=$((P+103)); M_L4IPERF=$((P+104)); M_L4ECHO=$((P+105))
 H_HTTP=$((P+201)); H_HTTPS=$((P+202)); H_L4HTTP=$((P+203)); H_L4IPERF=$((P+204)); H_L4ECHO=$((P+205))
-N_HTTP=$((P+301)); N_HTTPS=$((P+302))
+N_HTTP=$((P+301)); N_HTTPS=$((P+302)); N_L4HTTP=$((P+303)); N_L4IPERF=$((P+304))
 C_HTTP=$((P+401)); C_HTTPS=$((P+402))
 D_MESH=$((P+501)); D_KNOT=$((P+502)); D_NSD=$((P+503)); D_DNSMASQ=$((P+504))
 U_KNOT=$((P+511)); U_MESH=$((P+512)); U_NGINX=$((P+513))
@@ -513,15 +513,39 @@ sc_l4() {
   start iperf3 iperf3 -s -B 127.0.0.1 -p "$B_IPERF"
   wait_tcp "$B_IPERF" || exit 1
   start_proxies meshgate haproxy
+  # nginx `stream` (TCP, its default 16 KiB buffer per direction) where the module is installed.
+  local targets="direct meshgate haproxy"
+  if [ -f "$NGINX_STREAM" ]; then
+    mkdir -p "$TMP/nginx-l4"
+    cat >"$TMP/nginx-l4/nginx.conf" <<EOF
+load_module $NGINX_STREAM;
+master_process off; daemon off; worker_processes 1; pid $TMP/nginx-l4/nginx.pid;
+worker_rlimit_nofile $NOFILE;
+error_log $TMP/nginx-l4/error.log warn;
+events { worker_connections $((NOFILE - 100)); }
+stream {
+  server { listen 127.0.0.1:$N_L4HTTP; proxy_pass 127.0.0.1:$B_HTTP; }
+  server { listen 127.0.0.1:$N_L4IPERF; proxy_pass 127.0.0.1:$B_IPERF; }
+}
+EOF
+    start nginx nginx -p "$TMP/nginx-l4" -c "$TMP/nginx-l4/nginx.conf" -e "$TMP/nginx-l4/error.log"
+    wait_tcp "$N_L4HTTP" || exit 1
+    check_alive nginx || exit 1
+    targets="$targets nginx"
+  else
+    note "l4: no $NGINX_STREAM (apt-get install -y libnginx-mod-stream): nginx stream left out"
+  fi
   local r s t port g c0 c1 cpu
   for r in $(seq "$ROUNDS"); do
-    for t in $(rotated "$r" direct meshgate haproxy); do
-      case $t in direct) port=$B_HTTP ;; meshgate) port=$M_L4HTTP ;; haproxy) port=$H_L4HTTP ;; esac
+    for t in $(rotated "$r" $targets); do
+      case $t in direct) port=$B_HTTP ;; meshgate) port=$M_L4HTTP ;; haproxy) port=$H_L4HTTP ;;
+        nginx) port=$N_L4HTTP ;; esac
       measure_wrk l4-rr "$t" "$(pidname "$t")" "http://127.0.0.1:$port/" "$r"
     done
     for s in 1 4; do
-      for t in $(rotated "$r" direct meshgate haproxy); do
-        case $t in direct) port=$B_IPERF ;; meshgate) port=$M_L4IPERF ;; haproxy) port=$H_L4IPERF ;; esac
+      for t in $(rotated "$r" $targets); do
+        case $t in direct) port=$B_IPERF ;; meshgate) port=$M_L4IPERF ;; haproxy) port=$H_L4IPERF ;;
+          nginx) port=$N_L4IPERF ;; esac
         c0=$( [ $t != direct ] && cpu_ticks "${PID_OF[$t]}" || echo 0)
         g=$(iperf_run "$port" "$s")
         c1=$( [ $t != direct ] && cpu_ticks "${PID_OF[$t]}" || echo 0)
