@@ -235,12 +235,22 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null || { echo "openssl failed" >&2; exit 1; }
 cat "$TMP/cert.pem" "$TMP/key.pem" >"$TMP/haproxy.pem"
 
-mkdir -p "$TMP/nginx-backend" "$TMP/nginx" "$TMP/caddy"
-cat >"$TMP/nginx-backend/nginx.conf" <<EOF
-master_process off; daemon off; worker_processes 1; pid $TMP/nginx-backend/nginx.pid;
+# nginx_head DIR [stream]: the process lines every nginx config here starts with (one worker in
+# the foreground, pid and error log in DIR, the fd limit), after `load_module` for `stream`.
+nginx_head() {
+  [ "${2:-}" = stream ] && echo "load_module $NGINX_STREAM;"
+  cat <<EOF
+master_process off; daemon off; worker_processes 1; pid $1/nginx.pid;
 worker_rlimit_nofile $NOFILE;
-error_log $TMP/nginx-backend/error.log warn;
+error_log $1/error.log warn;
 events { worker_connections $((NOFILE - 100)); }
+EOF
+}
+
+mkdir -p "$TMP/nginx-backend" "$TMP/nginx" "$TMP/caddy"
+{
+  nginx_head "$TMP/nginx-backend"
+  cat <<EOF
 http {
   access_log off;
   client_body_temp_path $TMP/nginx-backend; proxy_temp_path $TMP/nginx-backend;
@@ -249,6 +259,7 @@ http {
   server { listen 127.0.0.1:$B_HTTP reuseport backlog=4096; location / { default_type text/plain; return 200 "ok\n"; } }
 }
 EOF
+} >"$TMP/nginx-backend/nginx.conf"
 
 cat >"$TMP/meshgate.yaml" <<EOF
 log: {level: warn}
@@ -307,11 +318,9 @@ listen l4echo
   server s1 127.0.0.1:$B_TCP
 EOF
 
-cat >"$TMP/nginx/nginx.conf" <<EOF
-master_process off; daemon off; worker_processes 1; pid $TMP/nginx/nginx.pid;
-worker_rlimit_nofile $NOFILE;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections $((NOFILE - 100)); }
+{
+  nginx_head "$TMP/nginx"
+  cat <<EOF
 http {
   access_log off;
   client_body_temp_path $TMP/nginx; proxy_temp_path $TMP/nginx;
@@ -327,6 +336,7 @@ http {
   }
 }
 EOF
+} >"$TMP/nginx/nginx.conf"
 
 cat >"$TMP/caddy/Caddyfile" <<EOF
 {
@@ -517,17 +527,15 @@ sc_l4() {
   local targets="direct meshgate haproxy"
   if [ -f "$NGINX_STREAM" ]; then
     mkdir -p "$TMP/nginx-l4"
-    cat >"$TMP/nginx-l4/nginx.conf" <<EOF
-load_module $NGINX_STREAM;
-master_process off; daemon off; worker_processes 1; pid $TMP/nginx-l4/nginx.pid;
-worker_rlimit_nofile $NOFILE;
-error_log $TMP/nginx-l4/error.log warn;
-events { worker_connections $((NOFILE - 100)); }
+    {
+      nginx_head "$TMP/nginx-l4" stream
+      cat <<EOF
 stream {
   server { listen 127.0.0.1:$N_L4HTTP; proxy_pass 127.0.0.1:$B_HTTP; }
   server { listen 127.0.0.1:$N_L4IPERF; proxy_pass 127.0.0.1:$B_IPERF; }
 }
 EOF
+    } >"$TMP/nginx-l4/nginx.conf"
     start nginx nginx -p "$TMP/nginx-l4" -c "$TMP/nginx-l4/nginx.conf" -e "$TMP/nginx-l4/error.log"
     wait_tcp "$N_L4HTTP" || exit 1
     check_alive nginx || exit 1
@@ -692,17 +700,15 @@ sc_udp() {
   dns_zone 1000
   knot_conf "$U_KNOT" "$TMP/uknot"
   mkdir -p "$TMP/nginx-udp"
-  cat >"$TMP/nginx-udp/nginx.conf" <<EOF
-load_module $NGINX_STREAM;
-master_process off; daemon off; worker_processes 1; pid $TMP/nginx-udp/nginx.pid;
-worker_rlimit_nofile $NOFILE;
-error_log $TMP/nginx-udp/error.log warn;
-events { worker_connections $((NOFILE - 100)); }
+  {
+    nginx_head "$TMP/nginx-udp" stream
+    cat <<EOF
 stream {
   upstream dns { server 127.0.0.1:$U_KNOT; }
   server { listen 127.0.0.1:$U_NGINX udp; proxy_pass dns; proxy_timeout 30s; }
 }
 EOF
+  } >"$TMP/nginx-udp/nginx.conf"
   cat >"$TMP/meshgate-udp.yaml" <<EOF
 log: {level: warn}
 admin: {enabled: false}
