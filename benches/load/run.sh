@@ -218,6 +218,22 @@ EOF
 # "user=N%": the share of the proxy's CPU time spent in user space (the rest is the kernel's:
 # system calls, and the loopback TCP receive work they run). Usage: user_share c0 u0 c1 u1
 user_share() { python3 -c "d=$3-$1; print('user=%d%%' % round(100*($4-$2)/d) if d>0 else '')"; }
+# The two cores' counters from /proc/stat (LOAD_CPU's, then PROXY_CPU's): "total idle softirq"
+# each, in ticks. `cores_busy` turns two snapshots into `load=N% servers=N% si=N%`: how busy each
+# core was, and the share of the servers' core spent in softirq (the loopback TCP receive work
+# that no process is charged for). Usage: cores_busy "$(core_ticks)" "$(core_ticks)"
+core_ticks() {
+  awk -v a="cpu$LOAD_CPU" -v b="cpu$PROXY_CPU" '$1 == a || $1 == b {
+    t = 0; for (i = 2; i <= 9; i++) t += $i; c[$1] = t " " ($5 + $6) " " $8 }
+    END { print c[a], c[b] }' /proc/stat
+}
+cores_busy() {
+  python3 -c "
+a, b = list(map(int, '$1'.split())), list(map(int, '$2'.split()))
+d = [y - x for x, y in zip(a, b)]
+busy = lambda t, i: round(100 * (t - i) / t) if t > 0 else 0
+print('load=%d%% servers=%d%% si=%d%%' % (busy(d[0], d[1]), busy(d[3], d[4]), round(100 * d[5] / d[3]) if d[3] > 0 else 0))"
+}
 load() { taskset -c "$LOAD_CPU" "$@"; }
 
 # ---------------------------------------------------------------- ports and configs
@@ -543,7 +559,7 @@ EOF
   else
     note "l4: no $NGINX_STREAM (apt-get install -y libnginx-mod-stream): nginx stream left out"
   fi
-  local r s t port g c0 c1 cpu
+  local r s t port g c0 c1 cpu k0 k1 cores
   for r in $(seq "$ROUNDS"); do
     for t in $(rotated "$r" $targets); do
       case $t in direct) port=$B_HTTP ;; meshgate) port=$M_L4HTTP ;; haproxy) port=$H_L4HTTP ;;
@@ -555,11 +571,14 @@ EOF
         case $t in direct) port=$B_IPERF ;; meshgate) port=$M_L4IPERF ;; haproxy) port=$H_L4IPERF ;;
           nginx) port=$N_L4IPERF ;; esac
         c0=$( [ $t != direct ] && cpu_ticks "${PID_OF[$t]}" || echo 0)
+        k0=$(core_ticks)
         g=$(iperf_run "$port" "$s")
+        k1=$(core_ticks)
         c1=$( [ $t != direct ] && cpu_ticks "${PID_OF[$t]}" || echo 0)
         cpu=$(python3 -c "print(round(($c1-$c0)/($DURATION),1))")   # % of one core
-        record "l4-bulk-$s" "$t" "$r" "$g" 0 "$cpu"
-        note "l4-bulk-$s $t round $r: $g Gbit/s proxy cpu ${cpu}%"
+        cores=$(cores_busy "$k0" "$k1")
+        record "l4-bulk-$s" "$t" "$r" "$g" 0 "$cpu $cores"
+        note "l4-bulk-$s $t round $r: $g Gbit/s proxy cpu ${cpu}% cores: $cores"
         sleep 0.3
       done
     done
