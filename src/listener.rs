@@ -160,7 +160,8 @@ impl ListenerSet {
         let key = spec.key;
         match key.kind {
             ListenKind::Tcp | ListenKind::Http => {
-                let listener = bind_tcp(key.addr, self.ctx.reuse_port)?;
+                let client_first = key.kind == ListenKind::Http;
+                let listener = bind_tcp(key.addr, self.ctx.reuse_port, client_first)?;
                 tokio::spawn(accept_loop(
                     key,
                     spec.owner.clone(),
@@ -201,9 +202,22 @@ impl ListenerSet {
 /// loop only when they have to wait ([`crate::tcpio::LazyTcp`]).
 pub type Listener = AsyncFd<std::net::TcpListener>;
 
-/// A TCP listening socket on `addr` (`SO_REUSEADDR`, and `SO_REUSEPORT` if asked).
+/// A TCP listening socket on `addr` (`SO_REUSEADDR`, and `SO_REUSEPORT` if asked), with
+/// `TCP_NODELAY` and TCP keepalive ([`crate::proxy::keepalive`]): every socket accepted from it
+/// inherits both, so no connection spends system calls on them (one for HTTP, four for L4).
+///
+/// `client_first`: the protocol has the client speak first (HTTP, TLS), so on Linux the
+/// listener sets `TCP_DEFER_ACCEPT` (HAProxy's `defer-accept`, nginx's `deferred`): a
+/// connection is handed to `accept` once its first bytes have arrived (or after about a second
+/// without any), so its first read finds the request instead of `EAGAIN`, and the connection
+/// never has to join the event loop just to wait for it. L4 listeners do not set it: there the
+/// server may speak first (SMTP, SSH, MySQL).
 #[allow(unsafe_code)]
-pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Listener> {
+pub fn bind_tcp(
+    addr: SocketAddr,
+    reuse_port: bool,
+    client_first: bool,
+) -> std::io::Result<Listener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -218,12 +232,48 @@ pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Listener>
         let _ = socket.set_only_v6(true);
     }
     socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(&crate::proxy::keepalive())?;
+    #[cfg(target_os = "linux")]
+    if client_first {
+        // Best effort: without it connections are accepted as soon as they are established.
+        let _ = set_defer_accept(&socket, DEFER_ACCEPT_SECS);
+    }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     let listener: std::net::TcpListener = socket.into();
     // SAFETY: the descriptor is the listener's own, and the listener lives inside the `AsyncFd`
     // for the `AsyncFd`'s whole life: open, and the same socket, until it is dropped.
     Ok(unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }?)
+}
+
+/// How long the kernel holds a connection that sent nothing before handing it to `accept`
+/// anyway (`TCP_DEFER_ACCEPT`, rounded up to SYN-ACK retransmissions: about 1 s, then the
+/// client's next ACK). A client that connects early and speaks later (a browser's preconnect)
+/// is accepted then, and meets the usual header timeout.
+#[cfg(target_os = "linux")]
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn set_defer_accept(socket: &socket2::Socket, secs: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `socket` is an open socket for the whole call, and the option value is a
+    // `c_int` passed with its own size, as `setsockopt(2)` expects for TCP_DEFER_ACCEPT.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The next connection, non-blocking and not in the event loop, and its peer's address.
@@ -390,8 +440,60 @@ fn spawn_connection(
 mod tests {
     use super::*;
 
+    /// Accepted sockets carry the listener's TCP_NODELAY and keepalive (the per-connection
+    /// `setsockopt` calls were removed on the strength of this).
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), false, false).unwrap();
+        let addr = listener.get_ref().local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = accept(&listener).await.unwrap();
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.tcp_nodelay().unwrap(), "TCP_NODELAY");
+        assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(
+            sock.tcp_keepalive_time().unwrap(),
+            crate::proxy::TCP_KEEPALIVE_IDLE
+        );
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            crate::proxy::TCP_KEEPALIVE_INTERVAL
+        );
+    }
+
     fn task_size<F: std::future::Future<Output = ()>>(_: &F) -> usize {
         std::mem::size_of::<ConnTask<F>>()
+    }
+
+    /// A client-first (HTTP) listener hands over a connection once its first bytes arrived,
+    /// not when the handshake completes; an L4 listener at once.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn http_listeners_accept_once_the_client_spoke() {
+        use tokio::io::AsyncWriteExt;
+        let wait = Duration::from_millis(300);
+        let http = bind_tcp("127.0.0.1:0".parse().unwrap(), false, true).unwrap();
+        let addr = http.get_ref().local_addr().unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            tokio::time::timeout(wait, accept(&http)).await.is_err(),
+            "accepted before the client sent anything"
+        );
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let (stream, _) = tokio::time::timeout(wait, accept(&http))
+            .await
+            .expect("accepted once the request arrived")
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(stream.peek(&mut buf).unwrap(), 18, "the request is there");
+
+        let l4 = bind_tcp("127.0.0.1:0".parse().unwrap(), false, false).unwrap();
+        let addr = l4.get_ref().local_addr().unwrap();
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::timeout(wait, accept(&l4))
+            .await
+            .expect("an L4 listener accepts a silent client at once")
+            .unwrap();
     }
 
     /// The task of an L4 connection is its future plus a few words, not twice the future

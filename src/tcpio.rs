@@ -389,7 +389,7 @@ mod tests {
     /// gets them.
     #[tokio::test]
     async fn lazy_tcp_registers_only_to_wait() {
-        let l = crate::listener::bind_tcp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let l = crate::listener::bind_tcp("127.0.0.1:0".parse().unwrap(), false, false).unwrap();
         let addr = l.get_ref().local_addr().unwrap();
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(b"first").await.unwrap();

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # A/B two meshgate binaries on the same machine in the same run: interleaved rounds (A B A B …)
 # of wrk (HTTP/1.1 keep-alive; `close`: a new connection per request; `l4`: keep-alive through
-# an L4 TCP port; `h1tls`: HTTP/1.1 keep-alive over TLS) or h2load (`h2`: HTTP/2 over TLS),
+# an L4 TCP port; `l4close`: a new L4 connection, and so a new upstream one, per request;
+# `h1tls`: HTTP/1.1 keep-alive over TLS) or h2load (`h2`: HTTP/2 over TLS),
 # medians and the ratio B/A.
 # Same setup as run.sh: nginx backend and both proxies (1 worker) pinned to PROXY_CPU, the load
 # generator to LOAD_CPU, loopback only, every process stopped by PID on exit.
 # `dns`: both as DNS servers of 1,000 names, dnsperf (4 sockets) at DNS_RATE queries/s (0, the
 # default: as fast as it goes); compared by server CPU µs per answered query (lower is better).
-# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|h1tls|l4|dns] [rounds] [seconds]
+# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|h1tls|l4|l4close|dns] [rounds] [seconds]
 # THREADS=N (default 1): N worker threads per proxy and N load threads with 64*N connections;
 # with N > 1 nothing is pinned (proxies, backend and load share every core).
 set -u -o pipefail
@@ -22,8 +23,8 @@ lb_tmp meshgate-ab
 lb_cert
 KIND=http; SCHEME=http
 case $MODE in h2|h1tls) KIND=https; SCHEME=https ;; esac
-CLOSE=; [ "$MODE" = close ] && CLOSE=1
-if [ "$MODE" = l4 ]; then
+CLOSE=; case $MODE in close|l4close) CLOSE=1 ;; esac
+if [ "$MODE" = l4 ] || [ "$MODE" = l4close ]; then
   lb_l4_config $((P+2)) >"$TMP/a.yaml"; lb_l4_config $((P+3)) >"$TMP/b.yaml"
 elif [ "$MODE" = dns ]; then
   lb_dns_config $((P+2)) >"$TMP/a.yaml"; lb_dns_config $((P+3)) >"$TMP/b.yaml"

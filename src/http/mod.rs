@@ -237,7 +237,7 @@ pub fn serve_connection(
             stop,
         );
     };
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY (and keepalive) come from the listener: no system call here.
     let tls_config = match settings.kind {
         EntrypointKind::Https => {
             let built = settings.tls_config.get_or_init(|| {

@@ -17,13 +17,18 @@ use std::time::Duration;
 pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Set TCP_NODELAY and keepalive on a connected socket. Failures are not fatal: the connection
-/// works without them.
+/// The keepalive settings of both legs.
+pub fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+}
+
+/// Set TCP_NODELAY and keepalive on a socket meshgate connected (the upstream leg). Failures are
+/// not fatal: the connection works without them. Accepted sockets need no call: they inherit
+/// both from their listener ([`crate::listener::bind_tcp`]), which saves four system calls per
+/// connection.
 pub fn tune_tcp(stream: &tokio::net::TcpStream) {
     let _ = stream.set_nodelay(true);
-    let sock = socket2::SockRef::from(stream);
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(TCP_KEEPALIVE_IDLE)
-        .with_interval(TCP_KEEPALIVE_INTERVAL);
-    let _ = sock.set_tcp_keepalive(&ka);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive());
 }

@@ -28,8 +28,8 @@ pub fn proxy_connection(
     metrics: Arc<Metrics>,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
-        super::tune_tcp(&downstream);
-        let local = downstream.local_addr().unwrap_or(peer);
+        // No `tune_tcp(&downstream)`: an accepted socket has its listener's TCP_NODELAY and
+        // keepalive already.
         let spec = &route.service.spec;
         let (idle, connect_timeout, retries, pp) = (
             spec.timeouts.idle,
@@ -64,6 +64,9 @@ pub fn proxy_connection(
         drop(route);
         super::tune_tcp(&upstream.stream);
         if pp != ProxyProtocol::None {
+            // Asked here, not up front: a `getsockname` per connection only where a header
+            // needs the address.
+            let local = downstream.local_addr().unwrap_or(peer);
             let header = proxy_header(pp, peer, local);
             if let Err(e) = upstream.stream.write_all(&header).await {
                 tracing::warn!(%service, endpoint = %upstream.addr, error = %e, "PROXY header write failed");

@@ -65,7 +65,8 @@ impl Proxy {
         // The listener's own socket and accept: connections reach `serve_connection` outside
         // the event loop, as in meshgate (`LazyTcp`).
         let listener =
-            meshgate::listener::bind_tcp(bind.parse().expect("a socket address"), false).unwrap();
+            meshgate::listener::bind_tcp(bind.parse().expect("a socket address"), false, true)
+                .unwrap();
         let addr = listener.get_ref().local_addr().unwrap();
         let hard_stop = CancellationToken::new();
         let shutdown = meshgate::stop::Graceful::new(hard_stop.clone());
