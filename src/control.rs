@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::listener::ListenerSet;
@@ -49,6 +49,8 @@ pub struct Control {
     pub status: SharedStatus,
     states: BTreeMap<&'static str, DesiredState>,
     generation: u64,
+    /// The generation of the table just stored, for tasks that follow table changes.
+    generations: watch::Sender<u64>,
 }
 
 impl Control {
@@ -69,7 +71,13 @@ impl Control {
             status,
             states: BTreeMap::new(),
             generation: 0,
+            generations: watch::Sender::new(0),
         }
+    }
+
+    /// Follow table changes: the receiver sees each new generation once it is stored.
+    pub fn generations(&self) -> watch::Receiver<u64> {
+        self.generations.subscribe()
     }
 
     /// Apply one provider update: rebuild and swap the table, then reconcile listeners.
@@ -139,6 +147,7 @@ impl Control {
         }
         let wanted = table.listeners.clone();
         self.table.store(Arc::new(table));
+        self.generations.send_replace(self.generation);
         // Stats of endpoints gone from this generation are forgotten; in-flight guards keep
         // their own reference until their connections end.
         self.stats.retain_generation(self.generation);

@@ -1,13 +1,22 @@
 //! Active health checks (control path).
 //!
-//! One task walks the current table on a short tick and checks every endpoint of every service
-//! that has a `health_check`, each on its own interval: a TCP connect, or an HTTP/1.0 GET of
-//! `http_path` expecting a 2xx/3xx status. `fall` consecutive failures mark the endpoint
-//! [`Health::Down`] (balancers skip it); `rise` consecutive successes mark it up again. The result
-//! lands in the endpoint's [`EndpointStats`], which survive table swaps, so a rebuild neither
-//! forgets a down endpoint nor re-checks a known one from scratch.
+//! One task checks every endpoint of every service that has a `health_check`, each on its own
+//! interval: a TCP connect, or an HTTP/1.0 GET of `http_path` expecting a 2xx/3xx status.
+//! `fall` consecutive failures mark the endpoint [`Health::Down`] (balancers skip it); `rise`
+//! consecutive successes mark it up again. The result lands in the endpoint's
+//! [`EndpointStats`], which survive table swaps, so a rebuild neither forgets a down endpoint nor
+//! re-checks a known one from scratch.
+//!
+//! The task keeps a schedule (a min-heap of due times) and sleeps until the earliest check is
+//! due or the control path publishes a new table generation; only then does it read the table's
+//! endpoints again. An idle meshgate, or one whose services have no checks, never wakes for
+//! them, and a table of 100,000 checked endpoints costs one walk per table change instead of one
+//! every tick. Endpoints new to the schedule get their first check spread over their interval
+//! (HAProxy spreads its checks the same way), so a big table does not open every check
+//! connection in the same instant; a single new endpoint is checked at once.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,120 +24,218 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::HealthCheckSpec;
 use crate::stats::{EndpointStats, Health};
 use crate::table::RoutingTable;
 
-/// Scheduling granularity: the shortest useful check interval.
-const TICK: Duration = Duration::from_millis(50);
+/// Shortest interval between two checks of one endpoint (a configured `interval` below this,
+/// `0` included, is raised to it).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Bytes of the response read to find the status line.
 const STATUS_LINE_MAX: usize = 256;
 
-/// Per-endpoint check state, keyed by service and address like the stats.
+/// An endpoint of a service, as the stats key it.
+type Key = (Arc<str>, SocketAddr);
+
+/// Per-endpoint check state.
 struct CheckState {
+    spec: HealthCheckSpec,
+    /// When the next check is due. Only the heap entry holding this exact instant is live;
+    /// others are left over from rescheduling and skipped when they come up.
     next: Instant,
     ok_streak: u32,
     fail_streak: u32,
     running: bool,
 }
 
-/// Run checks until `shutdown`.
-pub async fn run(table: Arc<ArcSwap<RoutingTable>>, shutdown: CancellationToken) {
-    let mut states: HashMap<(Arc<str>, SocketAddr), CheckState> = HashMap::new();
-    let (tx, mut rx) = mpsc::channel::<((Arc<str>, SocketAddr), bool)>(256);
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            Some((key, ok)) = rx.recv() => {
-                apply_result(&table, &mut states, key, ok);
-                continue;
-            }
-            _ = shutdown.cancelled() => return,
-        }
-        let now = Instant::now();
-        let current = table.load_full();
-        let mut seen = std::collections::HashSet::new();
-        for service in current.services.values() {
+/// Which endpoints are checked, and when each check is due.
+#[derive(Default)]
+struct Schedule {
+    states: HashMap<Key, CheckState>,
+    due: BinaryHeap<Reverse<(Instant, Key)>>,
+}
+
+fn interval(spec: &HealthCheckSpec) -> Duration {
+    spec.interval.max(MIN_INTERVAL)
+}
+
+impl Schedule {
+    /// Follow a new table: schedule endpoints that appeared, forget those that left (or whose
+    /// service lost its check), and take up changed settings.
+    fn sync(&mut self, table: &RoutingTable, now: Instant) {
+        let mut wanted: HashMap<Key, &HealthCheckSpec> = HashMap::new();
+        for service in table.services.values() {
             let Some(spec) = &service.spec.health_check else {
                 continue;
             };
             for endpoint in service.pools.iter().flat_map(|p| p.endpoints.iter()) {
-                let key = (Arc::clone(&service.name), endpoint.addr);
-                seen.insert(key.clone());
-                let state = states.entry(key.clone()).or_insert(CheckState {
-                    next: now,
+                wanted.insert((Arc::clone(&service.name), endpoint.addr), spec);
+            }
+        }
+        self.states.retain(|key, _| wanted.contains_key(key));
+        let mut fresh = Vec::new();
+        for (key, spec) in wanted {
+            match self.states.get_mut(&key) {
+                Some(state) if state.spec == *spec => {}
+                Some(state) => {
+                    // A shorter interval applies from now; a longer one from the next check.
+                    let sooner = now + interval(spec);
+                    state.spec = spec.clone();
+                    if sooner < state.next {
+                        state.next = sooner;
+                        if !state.running {
+                            self.due.push(Reverse((sooner, key)));
+                        }
+                    }
+                }
+                None => fresh.push((key, spec)),
+            }
+        }
+        // Sorted, so that the spread is the same for the same table.
+        fresh.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let n = fresh.len() as u32;
+        for (i, (key, spec)) in (0u32..).zip(fresh) {
+            let next = now + interval(spec) * i / n;
+            self.due.push(Reverse((next, key.clone())));
+            self.states.insert(
+                key,
+                CheckState {
+                    spec: spec.clone(),
+                    next,
                     ok_streak: 0,
                     fail_streak: 0,
                     running: false,
-                });
-                if state.running || state.next > now {
-                    continue;
-                }
-                state.running = true;
-                state.next = now + spec.interval;
-                let (tx, spec, addr) = (tx.clone(), spec.clone(), endpoint.addr);
-                tokio::spawn(async move {
-                    let ok = check(addr, &spec).await;
-                    let _ = tx.send((key, ok)).await;
-                });
-            }
+                },
+            );
         }
-        // Endpoints gone from the table (or whose service lost its check) are forgotten.
-        states.retain(|k, _| seen.contains(k));
+        // Entries of forgotten endpoints would leave the heap only when due: rebuild it when
+        // they outnumber the live ones.
+        if self.due.len() > 2 * self.states.len() + 64 {
+            self.due = self
+                .states
+                .iter()
+                .filter(|(_, s)| !s.running)
+                .map(|(k, s)| Reverse((s.next, k.clone())))
+                .collect();
+        }
+    }
+
+    /// When the task must wake next for a check (None: nothing scheduled).
+    fn next_due(&self) -> Option<Instant> {
+        self.due.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Take the checks due at `now` off the schedule, marking them running.
+    fn take_due(&mut self, now: Instant) -> Vec<(Key, HealthCheckSpec)> {
+        let mut out = Vec::new();
+        while let Some(Reverse((at, _))) = self.due.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, key))) = self.due.pop() else {
+                break;
+            };
+            let Some(state) = self.states.get_mut(&key) else {
+                continue;
+            };
+            if state.running || state.next != at {
+                continue;
+            }
+            state.running = true;
+            state.next = now + interval(&state.spec);
+            out.push((key, state.spec.clone()));
+        }
+        out
+    }
+
+    /// Record a finished check and schedule the next one. Returns the health the endpoint
+    /// should now have, or None if it is no longer checked.
+    fn finish(&mut self, key: &Key, ok: bool, before: Health, now: Instant) -> Option<Health> {
+        let state = self.states.get_mut(key)?;
+        state.running = false;
+        state.next = state.next.max(now);
+        self.due.push(Reverse((state.next, key.clone())));
+        if ok {
+            state.ok_streak += 1;
+            state.fail_streak = 0;
+        } else {
+            state.fail_streak += 1;
+            state.ok_streak = 0;
+        }
+        Some(if state.fail_streak >= state.spec.fall {
+            Health::Down
+        } else if state.ok_streak >= state.spec.rise || (before == Health::Unknown && ok) {
+            Health::Up
+        } else {
+            before
+        })
     }
 }
 
-fn apply_result(
-    table: &ArcSwap<RoutingTable>,
-    states: &mut HashMap<(Arc<str>, SocketAddr), CheckState>,
-    key: (Arc<str>, SocketAddr),
-    ok: bool,
+/// Run checks until `shutdown`. `generations` carries the control path's table generation: a
+/// change makes the schedule follow the new table.
+pub async fn run(
+    table: Arc<ArcSwap<RoutingTable>>,
+    mut generations: watch::Receiver<u64>,
+    shutdown: CancellationToken,
 ) {
-    let current = table.load();
-    let Some(service) = current.services.get(&key.0) else {
-        states.remove(&key);
-        return;
-    };
-    let (Some(spec), Some(state)) = (&service.spec.health_check, states.get_mut(&key)) else {
-        return;
-    };
-    state.running = false;
-    if ok {
-        state.ok_streak += 1;
-        state.fail_streak = 0;
-    } else {
-        state.fail_streak += 1;
-        state.ok_streak = 0;
-    }
-    let stats: Vec<&Arc<EndpointStats>> = service
-        .pools
-        .iter()
-        .flat_map(|p| p.endpoints.iter())
-        .filter(|e| e.addr == key.1)
-        .map(|e| &e.stats)
-        .collect();
-    let Some(stats) = stats.first() else { return };
-    let before = stats.health();
-    let after = if state.fail_streak >= spec.fall {
-        Health::Down
-    } else if state.ok_streak >= spec.rise || (before == Health::Unknown && ok) {
-        Health::Up
-    } else {
-        before
-    };
-    if after != before {
-        stats.set_health(after);
-        if after == Health::Down {
-            tracing::warn!(service = %key.0, endpoint = %key.1, "health check: endpoint down");
-        } else {
-            tracing::info!(service = %key.0, endpoint = %key.1, "health check: endpoint up");
+    let mut schedule = Schedule::default();
+    let (tx, mut rx) = mpsc::channel::<(Key, bool)>(256);
+    generations.borrow_and_update();
+    schedule.sync(&table.load(), Instant::now());
+    let mut control_open = true;
+    loop {
+        for (key, spec) in schedule.take_due(Instant::now()) {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let ok = check(key.1, &spec).await;
+                let _ = tx.send((key, ok)).await;
+            });
         }
+        let wake = schedule.next_due();
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            wake.unwrap_or_else(Instant::now),
+        ));
+        tokio::select! {
+            _ = sleep, if wake.is_some() => {}
+            changed = generations.changed(), if control_open => match changed {
+                Ok(()) => schedule.sync(&table.load(), Instant::now()),
+                // The control task is gone (shutdown): keep checking the last table.
+                Err(_) => control_open = false,
+            },
+            Some((key, ok)) = rx.recv() => {
+                let current = table.load();
+                let stats = current
+                    .services
+                    .get(&key.0)
+                    .and_then(|s| {
+                        s.pools.iter().flat_map(|p| p.endpoints.iter()).find(|e| e.addr == key.1)
+                    })
+                    .map(|e| &e.stats);
+                let before = stats.map_or(Health::Unknown, |s| s.health());
+                let after = schedule.finish(&key, ok, before, Instant::now());
+                if let (Some(stats), Some(after)) = (stats, after) {
+                    set_health(stats, &key, after);
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn set_health(stats: &EndpointStats, key: &Key, after: Health) {
+    if after == stats.health() {
+        return;
+    }
+    stats.set_health(after);
+    if after == Health::Down {
+        tracing::warn!(service = %key.0, endpoint = %key.1, "health check: endpoint down");
+    } else {
+        tracing::info!(service = %key.0, endpoint = %key.1, "health check: endpoint up");
     }
 }
 
@@ -173,6 +280,155 @@ fn status_ok(head: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{DesiredState, EndpointSpec, ServiceSpec};
+    use crate::stats::StatsRegistry;
+    use crate::table::BuildOptions;
+
+    fn spec(interval: Duration) -> HealthCheckSpec {
+        HealthCheckSpec {
+            interval,
+            timeout: Duration::from_millis(500),
+            fall: 1,
+            rise: 1,
+            http_path: None,
+        }
+    }
+
+    /// A table of services, each with its endpoints and check interval.
+    fn table(services: &[(&str, &[SocketAddr], Duration)], stats: &StatsRegistry) -> RoutingTable {
+        let mut d = DesiredState::default();
+        for (name, addrs, every) in services {
+            let mut s = ServiceSpec::new(*name);
+            s.http_port = Some(80);
+            s.endpoints = addrs.iter().map(|a| EndpointSpec::from_addr(*a)).collect();
+            s.health_check = Some(spec(*every));
+            d.services.insert((*name).into(), s);
+        }
+        RoutingTable::build(&d, &BuildOptions::default(), stats, 1)
+    }
+
+    fn addrs(n: u16) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 20_000 + i)))
+            .collect()
+    }
+
+    /// A loopback address nothing listens on (checks against it fail at once).
+    fn closed_addr() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    fn health(t: &RoutingTable, service: &str, addr: SocketAddr) -> Health {
+        let s = &t.services[service];
+        let e = s.pools[0].endpoints.iter().find(|e| e.addr == addr);
+        e.unwrap().stats.health()
+    }
+
+    #[test]
+    fn new_endpoints_are_spread_over_their_interval() {
+        let stats = StatsRegistry::default();
+        let second = Duration::from_secs(1);
+        let t = table(&[("a", &addrs(4), second)], &stats);
+        let now = Instant::now();
+        let mut s = Schedule::default();
+        s.sync(&t, now);
+        let mut due: Vec<Duration> = s.states.values().map(|c| c.next - now).collect();
+        due.sort();
+        let ms = |m| Duration::from_millis(m);
+        assert_eq!(due, [ms(0), ms(250), ms(500), ms(750)]);
+        assert_eq!(s.next_due(), Some(now));
+        // Only the first is due now; it runs once, and its next check is an interval later.
+        let taken = s.take_due(now);
+        assert_eq!(taken.len(), 1);
+        assert!(s.take_due(now).is_empty());
+        let key = taken[0].0.clone();
+        assert_eq!(
+            s.finish(&key, false, Health::Unknown, now),
+            Some(Health::Down)
+        );
+        assert_eq!(s.states[&key].next, now + second);
+        assert_eq!(s.take_due(now + ms(800)).len(), 3);
+        // A single endpoint added later is checked at once.
+        let more: Vec<SocketAddr> = addrs(5);
+        let t = table(&[("a", &more, second)], &stats);
+        let later = now + ms(900);
+        s.sync(&t, later);
+        assert_eq!(s.take_due(later).len(), 1);
+    }
+
+    #[test]
+    fn schedule_follows_the_table() {
+        let stats = StatsRegistry::default();
+        let now = Instant::now();
+        let mut s = Schedule::default();
+        s.sync(
+            &table(&[("a", &addrs(100), Duration::from_secs(60))], &stats),
+            now,
+        );
+        assert_eq!(s.states.len(), 100);
+        // A shorter interval applies at once; endpoints that left are forgotten, and the heap's
+        // stale entries do not pile up.
+        for round in 0..10 {
+            let t = table(&[("a", &addrs(10), Duration::from_secs(1))], &stats);
+            s.sync(&t, now);
+            assert_eq!(s.states.len(), 10, "round {round}");
+            assert!(s
+                .states
+                .values()
+                .all(|c| c.next <= now + Duration::from_secs(1)));
+            s.sync(
+                &table(&[("a", &addrs(100), Duration::from_secs(60))], &stats),
+                now,
+            );
+        }
+        assert!(s.due.len() <= 2 * s.states.len() + 64, "{}", s.due.len());
+        // A service without a check is not scheduled.
+        let mut d = DesiredState::default();
+        let mut plain = ServiceSpec::new("plain");
+        plain.http_port = Some(80);
+        plain.endpoints = vec![EndpointSpec::from_addr(addrs(1)[0])];
+        d.services.insert("plain".into(), plain);
+        s.sync(
+            &RoutingTable::build(&d, &BuildOptions::default(), &stats, 2),
+            now,
+        );
+        assert!(s.states.is_empty());
+        assert_eq!(s.next_due(), s.due.peek().map(|Reverse((at, _))| *at));
+    }
+
+    #[tokio::test]
+    async fn a_new_generation_is_checked_without_waiting_for_a_tick() {
+        // Intervals of an hour: the only reasons to check are the start and the table change.
+        let stats = StatsRegistry::default();
+        let hour = Duration::from_secs(3600);
+        let (a, b) = (closed_addr(), closed_addr());
+        let current = Arc::new(ArcSwap::from_pointee(table(&[("a", &[a], hour)], &stats)));
+        let (gen_tx, gen_rx) = watch::channel(1);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(Arc::clone(&current), gen_rx, stop.clone()));
+        let wait_down = |service: &'static str, addr: SocketAddr| {
+            let current = Arc::clone(&current);
+            async move {
+                for _ in 0..200 {
+                    if health(&current.load(), service, addr) == Health::Down {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("{service} {addr} not marked down within 2 s");
+            }
+        };
+        wait_down("a", a).await;
+        current.store(Arc::new(table(
+            &[("a", &[a], hour), ("b", &[b], hour)],
+            &stats,
+        )));
+        gen_tx.send_replace(2);
+        wait_down("b", b).await;
+        stop.cancel();
+        task.await.unwrap();
+    }
 
     #[test]
     fn status_lines() {

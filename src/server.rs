@@ -109,7 +109,11 @@ pub async fn run(
         })
         .await;
 
-    tokio::spawn(crate::health::run(Arc::clone(&table), background.clone()));
+    tokio::spawn(crate::health::run(
+        Arc::clone(&table),
+        control.generations(),
+        background.clone(),
+    ));
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     if let ConfigSource::File(path) = &source {
         if config.providers.file.watch {

@@ -392,12 +392,27 @@ async fn malformed_queries_get_formerr_and_serving_goes_on() {
         (m.metadata.id, m.metadata.response_code),
         (0x4321, ResponseCode::FormErr)
     );
-    // Too short for a header: no answer at all.
+    // Too short for a header, or empty (what the shutdown wakes the workers with): no answer.
     assert!(udp_raw(s.addr, &[1, 2, 3]).await.is_none());
+    assert!(udp_raw(s.addr, &[]).await.is_none());
     // And the next query is answered.
     let m = ask(s.addr, "tasks.web.meshgate.", RecordType::A).await;
     assert_eq!(m.answers.len(), 2);
     s.stop().await;
+}
+
+/// An idle server's UDP workers sleep in their receive with no timer to wake them: the shutdown
+/// wakes them itself, so stopping takes far less than their 2 s backstop timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_server_stops_at_once() {
+    let s = start(&desired(2), config()).await;
+    let m = ask(s.addr, "tasks.web.meshgate.", RecordType::A).await;
+    assert_eq!(m.answers.len(), 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    s.stop().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1000), "stopping took {took:?}");
 }
 
 /// Queries arrive faster than one at a time (the server takes them off the socket in batches):

@@ -21,8 +21,12 @@
 //!
 //! Answers are sent without waiting (`MSG_DONTWAIT`); a full send buffer (rare: a UDP send
 //! buffer drains as datagrams are delivered) is retried a few times, a millisecond apart, and
-//! then those answers are dropped, as the network would. The socket's read timeout
-//! ([`UDP_WAKE_CHECK`]) bounds how long a worker takes to notice the shutdown.
+//! then those answers are dropped, as the network would.
+//!
+//! An idle server does not wake: at shutdown (or when the serving future is dropped) the
+//! workers are woken by one empty datagram each, sent to the server's own address
+//! ([`WakeWorkers`]); the socket's read timeout ([`UDP_WAKE_BACKSTOP`]) only bounds the wait if
+//! such a datagram were lost.
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -54,8 +58,9 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The UDP socket: blocking receives with a read timeout, sends that never wait.
 type Udp = std::net::UdpSocket;
 
-/// A UDP worker blocked in its receive wakes at least this often to check for the shutdown.
-const UDP_WAKE_CHECK: Duration = Duration::from_millis(100);
+/// A UDP worker blocked in its receive wakes at least this often to check for the shutdown
+/// (a backstop: the shutdown wakes it at once, see [`WakeWorkers`]).
+const UDP_WAKE_BACKSTOP: Duration = Duration::from_secs(2);
 
 /// Full send buffer: retries of a batch's remaining answers, this far apart, before dropping them.
 const SEND_RETRIES: u32 = 10;
@@ -95,7 +100,7 @@ impl DnsServer {
                         .into_std()
                         .and_then(|u| {
                             u.set_nonblocking(false)?;
-                            u.set_read_timeout(Some(UDP_WAKE_CHECK))?;
+                            u.set_read_timeout(Some(UDP_WAKE_BACKSTOP))?;
                             Ok(u)
                         })
                         .map_err(|source| DnsError::BindUdp {
@@ -144,7 +149,7 @@ impl DnsServer {
         let runtime = tokio::runtime::Handle::current();
         let workers = runtime.metrics().num_workers().clamp(1, 4);
         // The workers stop when the shutdown is signalled, or when this future is dropped
-        // without it (its runtime shutting down): they watch `alive`.
+        // without it (its runtime shutting down): they watch `alive`, which `wake` holds.
         let alive = Arc::new(());
         let mut threads = Vec::with_capacity(workers);
         for i in 0..workers {
@@ -162,10 +167,16 @@ impl DnsServer {
                 Err(e) => tracing::error!(error = %e, "dns: cannot start a UDP worker thread"),
             }
         }
+        let wake = WakeWorkers {
+            alive: Some(alive),
+            addr: own,
+            workers: threads.len(),
+        };
         ctx.tasks
             .clone()
             .spawn(tcp_accept(Arc::clone(&ctx), self.tcp));
         ctx.shutdown.cancelled().await;
+        drop(wake);
         ctx.tasks.close();
         let grace = self.cfg.forward_timeout + Duration::from_secs(1);
         let joined = tokio::task::spawn_blocking(move || {
@@ -180,8 +191,42 @@ impl DnsServer {
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("dns: tasks still running after shutdown grace; leaving them");
         }
-        drop(alive);
         Ok(())
+    }
+}
+
+/// Dropped when the server stops (shutdown, or its future dropped): lets go of `alive`, then
+/// wakes each UDP worker blocked in its receive with an empty datagram to the server's own
+/// address, so that it sees it must stop. An empty datagram is no query: nothing answers it.
+struct WakeWorkers {
+    alive: Option<Arc<()>>,
+    addr: SocketAddr,
+    workers: usize,
+}
+
+impl Drop for WakeWorkers {
+    fn drop(&mut self) {
+        drop(self.alive.take());
+        let mut to = self.addr;
+        if to.ip().is_unspecified() {
+            to.set_ip(match to {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let from: SocketAddr = match to {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let sent = std::net::UdpSocket::bind(from).and_then(|sock| {
+            for _ in 0..self.workers {
+                sock.send_to(&[], to)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "dns: cannot wake the UDP workers; they stop within {UDP_WAKE_BACKSTOP:?}");
+        }
     }
 }
 
