@@ -23,10 +23,10 @@
 //! buffer drains as datagrams are delivered) is retried a few times, a millisecond apart, and
 //! then those answers are dropped, as the network would.
 //!
-//! An idle server does not wake: at shutdown (or when the serving future is dropped) the
-//! workers are woken by one empty datagram each, sent to the server's own address
-//! ([`WakeWorkers`]); the socket's read timeout ([`UDP_WAKE_BACKSTOP`]) only bounds the wait if
-//! such a datagram were lost.
+//! An idle server does not wake: at shutdown (or when the serving future is dropped) a worker
+//! is woken by an empty datagram from the socket to itself, and each worker that stops wakes
+//! the next ([`WakeWorkers`]); the socket's read timeout ([`UDP_WAKE_BACKSTOP`]) only bounds
+//! the wait if such a datagram were lost.
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -158,6 +158,7 @@ impl DnsServer {
                 udp: Arc::clone(&self.udp),
                 runtime: runtime.clone(),
                 alive: Arc::downgrade(&alive),
+                own,
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
@@ -169,8 +170,8 @@ impl DnsServer {
         }
         let wake = WakeWorkers {
             alive: Some(alive),
+            udp: Arc::clone(&self.udp),
             addr: own,
-            workers: threads.len(),
         };
         ctx.tasks
             .clone()
@@ -196,37 +197,34 @@ impl DnsServer {
 }
 
 /// Dropped when the server stops (shutdown, or its future dropped): lets go of `alive`, then
-/// wakes each UDP worker blocked in its receive with an empty datagram to the server's own
-/// address, so that it sees it must stop. An empty datagram is no query: nothing answers it.
+/// wakes one UDP worker blocked in its receive. Each worker that stops wakes the next the same
+/// way ([`wake_a_worker`]): one datagram could be taken by a worker along with the next in one
+/// batch, so a datagram per worker sent at once might leave one asleep.
 struct WakeWorkers {
     alive: Option<Arc<()>>,
+    udp: Arc<Udp>,
     addr: SocketAddr,
-    workers: usize,
 }
 
 impl Drop for WakeWorkers {
     fn drop(&mut self) {
         drop(self.alive.take());
-        let mut to = self.addr;
-        if to.ip().is_unspecified() {
-            to.set_ip(match to {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        let from: SocketAddr = match to {
-            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let sent = std::net::UdpSocket::bind(from).and_then(|sock| {
-            for _ in 0..self.workers {
-                sock.send_to(&[], to)?;
-            }
-            Ok(())
+        wake_a_worker(&self.udp, self.addr);
+    }
+}
+
+/// Wake one UDP worker blocked in its receive on `udp` (bound to `own`): an empty datagram from
+/// the socket to itself. An empty datagram is no query: nothing answers it.
+fn wake_a_worker(udp: &Udp, own: SocketAddr) {
+    let mut to = own;
+    if to.ip().is_unspecified() {
+        to.set_ip(match to {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "dns: cannot wake the UDP workers; they stop within {UDP_WAKE_BACKSTOP:?}");
-        }
+    }
+    if let Err(e) = udp.send_to(&[], to) {
+        tracing::debug!(error = %e, "dns: cannot wake a UDP worker; it stops within {UDP_WAKE_BACKSTOP:?}");
     }
 }
 
@@ -293,6 +291,8 @@ struct UdpWorker {
     runtime: tokio::runtime::Handle,
     /// Gone once the server's future is dropped.
     alive: std::sync::Weak<()>,
+    /// The server's address, to wake the next worker when this one stops.
+    own: SocketAddr,
 }
 
 impl UdpWorker {
@@ -300,6 +300,7 @@ impl UdpWorker {
         let mut batch = UdpBatch::new();
         loop {
             if self.ctx.shutdown.is_cancelled() || self.alive.strong_count() == 0 {
+                wake_a_worker(&self.udp, self.own);
                 return;
             }
             match batch.input.recv_wait(&self.udp) {
