@@ -64,8 +64,10 @@ fn interval(spec: &HealthCheckSpec) -> Duration {
 }
 
 impl Schedule {
-    /// Follow a new table: schedule endpoints that appeared, forget those that left (or whose
-    /// service lost its check), and take up changed settings.
+    /// Follow a new table: schedule endpoints that appeared, forget those that left, and take
+    /// up changed settings. An endpoint still served whose service lost its check goes back to
+    /// [`Health::Unknown`] (taken as up, as without checks): its last verdict, down perhaps,
+    /// would otherwise stay in its stats, which outlive table swaps, with nothing to revise it.
     fn sync(&mut self, table: &RoutingTable, now: Instant) {
         let mut wanted: HashMap<Key, &HealthCheckSpec> = HashMap::new();
         for service in table.services.values() {
@@ -76,7 +78,15 @@ impl Schedule {
                 wanted.insert((Arc::clone(&service.name), endpoint.addr), spec);
             }
         }
-        self.states.retain(|key, _| wanted.contains_key(key));
+        self.states.retain(|key, _| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                if let Some(stats) = endpoint_stats(table, key) {
+                    set_health(stats, key, Health::Unknown);
+                }
+            }
+            keep
+        });
         let mut fresh = Vec::new();
         for (key, spec) in wanted {
             match self.states.get_mut(&key) {
@@ -209,13 +219,7 @@ pub async fn run(
             },
             Some((key, ok)) = rx.recv() => {
                 let current = table.load();
-                let stats = current
-                    .services
-                    .get(&key.0)
-                    .and_then(|s| {
-                        s.pools.iter().flat_map(|p| p.endpoints.iter()).find(|e| e.addr == key.1)
-                    })
-                    .map(|e| &e.stats);
+                let stats = endpoint_stats(&current, &key);
                 let before = stats.map_or(Health::Unknown, |s| s.health());
                 let after = schedule.finish(&key, ok, before, Instant::now());
                 if let (Some(stats), Some(after)) = (stats, after) {
@@ -227,15 +231,28 @@ pub async fn run(
     }
 }
 
+/// The stats of a service's endpoint in `table`, if it serves it.
+fn endpoint_stats<'t>(table: &'t RoutingTable, key: &Key) -> Option<&'t Arc<EndpointStats>> {
+    let service = table.services.get(&key.0)?;
+    let mut endpoints = service.pools.iter().flat_map(|p| p.endpoints.iter());
+    endpoints.find(|e| e.addr == key.1).map(|e| &e.stats)
+}
+
 fn set_health(stats: &EndpointStats, key: &Key, after: Health) {
     if after == stats.health() {
         return;
     }
     stats.set_health(after);
-    if after == Health::Down {
-        tracing::warn!(service = %key.0, endpoint = %key.1, "health check: endpoint down");
-    } else {
-        tracing::info!(service = %key.0, endpoint = %key.1, "health check: endpoint up");
+    match after {
+        Health::Down => {
+            tracing::warn!(service = %key.0, endpoint = %key.1, "health check: endpoint down")
+        }
+        Health::Up => {
+            tracing::info!(service = %key.0, endpoint = %key.1, "health check: endpoint up")
+        }
+        Health::Unknown => {
+            tracing::info!(service = %key.0, endpoint = %key.1, "health check removed: endpoint taken as up")
+        }
     }
 }
 
@@ -398,7 +415,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_new_generation_is_checked_without_waiting_for_a_tick() {
+    async fn checks_follow_new_generations_without_waiting_for_a_tick() {
         // Intervals of an hour: the only reasons to check are the start and the table change.
         let stats = StatsRegistry::default();
         let hour = Duration::from_secs(3600);
@@ -426,6 +443,20 @@ mod tests {
         )));
         gen_tx.send_replace(2);
         wait_down("b", b).await;
+        // "a" drops its check: its endpoint is no longer held down by the last verdict.
+        let mut d = (*table(&[("a", &[a], hour), ("b", &[b], hour)], &stats).desired).clone();
+        d.services.get_mut("a").unwrap().health_check = None;
+        let without = RoutingTable::build(&d, &BuildOptions::default(), &stats, 3);
+        current.store(Arc::new(without));
+        gen_tx.send_replace(3);
+        for _ in 0..200 {
+            if health(&current.load(), "a", a) == Health::Unknown {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(health(&current.load(), "a", a), Health::Unknown);
+        assert_eq!(health(&current.load(), "b", b), Health::Down);
         stop.cancel();
         task.await.unwrap();
     }
