@@ -1,7 +1,8 @@
 //! Active health checks (control path).
 //!
-//! One task checks every endpoint of every service that has a `health_check`, each on its own
-//! interval: a TCP connect, or an HTTP/1.0 GET of `http_path` expecting a 2xx/3xx status.
+//! One task checks every endpoint of every service that has a `health_check` (on the target
+//! ports that take TCP: a UDP-only port is not checked), each on its own interval: a TCP
+//! connect, or an HTTP/1.0 GET of `http_path` expecting a 2xx/3xx status.
 //! `fall` consecutive failures mark the endpoint [`Health::Down`] (balancers skip it); `rise`
 //! consecutive successes mark it up again. The result lands in the endpoint's
 //! [`EndpointStats`], which survive table swaps, so a rebuild neither forgets a down endpoint nor
@@ -27,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::HealthCheckSpec;
+use crate::model::{HealthCheckSpec, Protocol, ServiceSpec};
 use crate::stats::{EndpointStats, Health};
 use crate::table::RoutingTable;
 
@@ -59,6 +60,17 @@ struct Schedule {
     due: BinaryHeap<Reverse<(Instant, Key)>>,
 }
 
+/// Does TCP traffic reach `target` (a TCP port's target, or the HTTP routers' port)? A check
+/// connects over TCP, so endpoints of a UDP-only target are not checked: a TCP connect to a
+/// UDP server fails and would mark every one down.
+fn tcp_target(spec: &ServiceSpec, target: u16) -> bool {
+    spec.http_port == Some(target)
+        || spec
+            .ports
+            .iter()
+            .any(|p| p.target == target && p.protocol == Protocol::Tcp)
+}
+
 fn interval(spec: &HealthCheckSpec) -> Duration {
     spec.interval.max(MIN_INTERVAL)
 }
@@ -74,8 +86,14 @@ impl Schedule {
             let Some(spec) = &service.spec.health_check else {
                 continue;
             };
-            for endpoint in service.pools.iter().flat_map(|p| p.endpoints.iter()) {
-                wanted.insert((Arc::clone(&service.name), endpoint.addr), spec);
+            for pool in service
+                .pools
+                .iter()
+                .filter(|p| tcp_target(&service.spec, p.target))
+            {
+                for endpoint in pool.endpoints.iter() {
+                    wanted.insert((Arc::clone(&service.name), endpoint.addr), spec);
+                }
             }
         }
         self.states.retain(|key, _| {
@@ -412,6 +430,37 @@ mod tests {
         );
         assert!(s.states.is_empty());
         assert_eq!(s.next_due(), s.due.peek().map(|Reverse((at, _))| *at));
+    }
+
+    #[test]
+    fn udp_only_targets_are_not_checked() {
+        use crate::model::PortSpec;
+        let port = |published, target, protocol| PortSpec {
+            published,
+            target,
+            protocol,
+            bind: "0.0.0.0".parse().unwrap(),
+        };
+        let mut s = ServiceSpec::new("dns");
+        s.ports = vec![
+            port(53, 53, Protocol::Udp),
+            port(5353, 5353, Protocol::Udp),
+            port(5353, 5353, Protocol::Tcp),
+        ];
+        s.http_port = None;
+        s.endpoints = vec![EndpointSpec {
+            port: None,
+            ..EndpointSpec::from_addr("127.0.0.1:1".parse().unwrap())
+        }];
+        s.health_check = Some(spec(Duration::from_secs(1)));
+        let mut d = DesiredState::default();
+        d.services.insert("dns".into(), s);
+        let t = RoutingTable::build(&d, &BuildOptions::default(), &StatsRegistry::default(), 1);
+        assert_eq!(t.services["dns"].pools.len(), 2);
+        let mut sched = Schedule::default();
+        sched.sync(&t, Instant::now());
+        let checked: Vec<u16> = sched.states.keys().map(|k| k.1.port()).collect();
+        assert_eq!(checked, [5353]);
     }
 
     #[tokio::test]
