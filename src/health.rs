@@ -315,7 +315,7 @@ fn status_ok(head: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DesiredState, EndpointSpec, ServiceSpec};
+    use crate::model::{DesiredState, EndpointSpec};
     use crate::stats::StatsRegistry;
     use crate::table::BuildOptions;
 
@@ -355,9 +355,8 @@ mod tests {
     }
 
     fn health(t: &RoutingTable, service: &str, addr: SocketAddr) -> Health {
-        let s = &t.services[service];
-        let e = s.pools[0].endpoints.iter().find(|e| e.addr == addr);
-        e.unwrap().stats.health()
+        let key = (Arc::from(service), addr);
+        endpoint_stats(t, &key).expect("served").health()
     }
 
     #[test]
