@@ -46,6 +46,9 @@ pub struct Metrics {
     pub udp_flows: Gauge,
     /// UDP datagrams dropped because a socket's send buffer was full (either direction).
     pub udp_send_dropped: Counter,
+    /// UDP flows whose endpoint proved unreachable (ICMP port/host unreachable): each ejected
+    /// the endpoint, and the client's next datagram went to another.
+    pub udp_upstream_unreachable: Counter,
     /// Connections closed by the idle timeout.
     pub idle_closed: Counter,
 }
@@ -102,6 +105,11 @@ impl Metrics {
             "udp_send_dropped",
             "UDP datagrams dropped: socket send buffer full",
             m.udp_send_dropped.clone(),
+        );
+        r.register(
+            "udp_upstream_unreachable",
+            "UDP flows whose endpoint proved unreachable (ICMP error); the endpoint is ejected",
+            m.udp_upstream_unreachable.clone(),
         );
         r.register(
             "idle_closed",

@@ -327,6 +327,89 @@ async fn udp_round_trip_and_flow_bound() {
     assert_eq!(&buf[..n], b"y");
 }
 
+/// Send `msg` and wait up to 300 ms for its echo, at most `tries` times; how many sends it took.
+async fn udp_exchange(c: &UdpSocket, msg: &[u8], tries: usize) -> Option<usize> {
+    let mut buf = [0u8; 64];
+    for attempt in 1..=tries {
+        c.send(msg).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(got) = tokio::time::timeout_at(deadline, c.recv(&mut buf)).await {
+            if got.is_ok_and(|n| &buf[..n] == msg) {
+                return Some(attempt);
+            }
+        }
+    }
+    None
+}
+
+/// A UDP endpoint with nothing listening answers ICMP port unreachable: its flow is dropped,
+/// the endpoint ejected, and the client's next datagram goes to a live endpoint, where its flow
+/// then stays. New clients avoid the ejected endpoint.
+#[tokio::test]
+async fn udp_unreachable_endpoint_is_ejected_and_its_clients_rerouted() {
+    let echo = Backend::udp_echo().await;
+    let dead = free_udp_port(); // nothing listens here
+    let port = free_udp_port();
+    let body = format!(
+        "services:\n  u:\n    ports: [\"{port}/udp\"]\n    policy: round_robin\n    endpoints: [\"{}\", \"{}\"]\n",
+        addr(dead),
+        echo.addr
+    );
+    let mg = Meshgate::start(&body).await;
+    // Two clients from fixed ports: round robin sends one of them to the dead endpoint first.
+    let mut clients = Vec::new();
+    let mut refused = 0;
+    for i in 0..2u8 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(addr(port)).await.unwrap();
+        if udp_exchange(&c, &[i, 0], 1).await.is_none() {
+            // Its flow went to the dead endpoint. Once meshgate has seen the refusal, the very
+            // next datagram goes to the live one (not after the flow sweep).
+            refused += 1;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while mg.metric("meshgate_udp_upstream_unreachable_total").await < 1.0 {
+                assert!(Instant::now() < deadline, "the refusal was not noticed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(
+                udp_exchange(&c, &[i, 1], 1).await,
+                Some(1),
+                "client {i} re-routed at its next datagram"
+            );
+        }
+        clients.push(c);
+    }
+    assert_eq!(
+        refused, 1,
+        "round robin sent one of two new flows to each endpoint"
+    );
+    assert_eq!(
+        mg.metric("meshgate_udp_upstream_unreachable_total").await,
+        1.0
+    );
+    // Both stay on the live endpoint.
+    for round in 1..=20u8 {
+        for (i, c) in clients.iter().enumerate() {
+            assert_eq!(udp_exchange(c, &[i as u8, round], 1).await, Some(1));
+        }
+    }
+    // New clients: the dead endpoint is ejected (1 s, doubling per failure), so few if any of
+    // them lose their first datagram; round robin alone would send half of them there.
+    let mut lost = 0;
+    for i in 0..10u8 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(addr(port)).await.unwrap();
+        let took = udp_exchange(&c, &[100 + i], 3)
+            .await
+            .expect("new client served");
+        lost += took - 1;
+    }
+    assert!(
+        lost <= 2,
+        "{lost} of 10 new clients lost their first datagram"
+    );
+}
+
 /// Bursts through the UDP proxy: datagrams sent back to back (taken off the sockets in batches)
 /// come back whole, to the right client, in order; the largest IPv4 datagram too.
 #[tokio::test]

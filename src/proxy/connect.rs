@@ -52,8 +52,9 @@ fn is_local_exhaustion(err: &std::io::Error) -> bool {
 
 /// Panic mode (as Envoy's panic threshold): when every endpoint is passively ejected, a failed
 /// connect is cheaper than refusing everyone, so try the non-excluded endpoint whose ejection
-/// ends first. Endpoints marked down by an active health check stay out.
-fn panic_pick(pool: &Pool, ctx: &PickContext) -> Option<usize> {
+/// ends first. Endpoints marked down by an active health check stay out. UDP flows open the same
+/// way.
+pub(super) fn panic_pick(pool: &Pool, ctx: &PickContext) -> Option<usize> {
     pool.endpoints
         .iter()
         .enumerate()

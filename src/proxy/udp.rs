@@ -12,23 +12,32 @@
 //! on its upstream socket and sends it to the client with one `sendmmsg`. The sockets are in the
 //! event loop for READABLE only, and nothing waits to send: a full send buffer drops the
 //! datagrams, as a router would (counted: `meshgate_udp_send_dropped_total`).
+//!
+//! Passive health: an endpoint with nothing listening answers with ICMP port unreachable, which
+//! Linux leaves on the connected upstream socket as `ECONNREFUSED` for its next send or receive
+//! (host or network unreachable likewise). Either task that meets it ejects the endpoint, as a
+//! failed TCP connect does, and marks the flow refused; the client's next datagram opens a new
+//! flow to an endpoint still available (or, when every one is ejected, to the one whose ejection
+//! ends first). A reply clears the endpoint's failure streak.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 
+use super::connect::panic_pick;
 use crate::balance::{hash_ip, PickContext};
 use crate::clock;
 use crate::metrics::Metrics;
-use crate::stats::InFlight;
+use crate::stats::{EndpointStats, InFlight};
 use crate::table::{ListenKey, RoutingTable};
 use crate::udpio::{self, ReadOnlyUdp, RecvBatch, SockaddrStorage, MAX_BATCH};
 
@@ -38,10 +47,42 @@ const MAX_DATAGRAM: usize = 65_535;
 
 struct Flow {
     upstream: Arc<ReadOnlyUdp>,
-    last_ms: Arc<AtomicU64>,
+    state: Arc<FlowState>,
     idle_ms: u64,
     stop: CancellationToken,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+}
+
+/// What a flow's listener side and its reply task share.
+struct FlowState {
+    /// When a datagram last moved either way ([`clock::now_ms`]).
+    last_ms: AtomicU64,
+    /// The endpoint proved unreachable: the flow is done, the client's next datagram re-routes.
+    refused: AtomicBool,
+}
+
+impl FlowState {
+    /// The endpoint refused this flow's datagrams: eject it (once per flow) and end the flow.
+    fn refuse(&self, endpoint: &EndpointStats, metrics: &Metrics) {
+        if !self.refused.swap(true, Ordering::Relaxed) {
+            endpoint.record_failure(clock::now_ms());
+            metrics.udp_upstream_unreachable.inc();
+        }
+    }
+}
+
+/// Errors a connected UDP socket reports for an ICMP error from its peer, or a route to it gone:
+/// they condemn the endpoint, not this host.
+fn is_unreachable(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    [
+        Errno::CONNREFUSED,
+        Errno::HOSTUNREACH,
+        Errno::NETUNREACH,
+        Errno::HOSTDOWN,
+    ]
+    .iter()
+    .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
 /// Serve one UDP listener until `stop` fires.
@@ -74,7 +115,8 @@ pub async fn serve(
             _ = sweep.tick() => {
                 let now = clock::now_ms();
                 flows.retain(|_, f| {
-                    let keep = now.saturating_sub(f.last_ms.load(Ordering::Relaxed)) < f.idle_ms;
+                    let keep = !f.state.refused.load(Ordering::Relaxed)
+                        && now.saturating_sub(f.state.last_ms.load(Ordering::Relaxed)) < f.idle_ms;
                     if !keep { f.stop.cancel(); }
                     keep
                 });
@@ -100,11 +142,15 @@ pub async fn serve(
             let (_, got) = batch.get(i);
             let Some(client) = got.peer else { continue };
             let fd = match flows.get(&client) {
-                Some(flow) => {
-                    flow.last_ms.store(now, Ordering::Relaxed);
+                Some(flow) if !flow.state.refused.load(Ordering::Relaxed) => {
+                    flow.state.last_ms.store(now, Ordering::Relaxed);
                     flow.upstream.as_raw_fd()
                 }
-                None => {
+                _ => {
+                    // A refused flow gives way to a new one, routed afresh.
+                    if let Some(old) = flows.remove(&client) {
+                        old.stop.cancel();
+                    }
                     let ctx = NewFlow {
                         key: &key,
                         table: &table,
@@ -135,12 +181,18 @@ pub async fn serve(
                     at.next().map_or(&[][..], |&(_, i)| batch.get(i).0),
                 )]
             });
-            send_all(
+            let refused = send_all(
                 run[0].0,
                 &datagrams[..run.len()],
                 &udpio::CONNECTED,
                 &metrics,
             );
+            if refused {
+                let client = batch.get(run[0].1).1.peer;
+                if let Some(flow) = client.and_then(|c| flows.get(&c)) {
+                    flow.state.refuse(flow.in_flight.stats(), &metrics);
+                }
+            }
         }
     }
     for f in flows.values() {
@@ -192,7 +244,11 @@ impl NewFlow<'_> {
             now_ns: clock::now_ns(),
             ..Default::default()
         };
-        let Some(i) = pool.balancer.pick(&pool.endpoints, &ctx) else {
+        let Some(i) = pool
+            .balancer
+            .pick(&pool.endpoints, &ctx)
+            .or_else(|| panic_pick(pool, &ctx))
+        else {
             self.metrics.no_endpoint.inc();
             return None;
         };
@@ -206,18 +262,24 @@ impl NewFlow<'_> {
         };
         let flow = Flow {
             upstream: Arc::clone(&upstream),
-            last_ms: Arc::new(AtomicU64::new(now)),
+            state: Arc::new(FlowState {
+                last_ms: AtomicU64::new(now),
+                refused: AtomicBool::new(false),
+            }),
             idle_ms: idle.as_millis().max(1) as u64,
             stop: self.stop.child_token(),
-            _in_flight: endpoint.stats.start(),
+            in_flight: endpoint.stats.start(),
         };
         tokio::spawn(replies(
             upstream,
             Arc::clone(self.socket),
             client,
-            Arc::clone(&flow.last_ms),
-            flow.stop.clone(),
-            Arc::clone(self.metrics),
+            Reply {
+                state: Arc::clone(&flow.state),
+                endpoint: Arc::clone(&endpoint.stats),
+                stop: flow.stop.clone(),
+                metrics: Arc::clone(self.metrics),
+            },
         ));
         Some(flow)
     }
@@ -236,14 +298,16 @@ fn open_upstream(addr: SocketAddr) -> std::io::Result<ReadOnlyUdp> {
 }
 
 /// Send a batch; what does not fit in the send buffer is dropped and counted. A datagram the
-/// kernel refuses (`ECONNREFUSED` left by an ICMP error on a connected socket) is skipped.
+/// kernel refuses is skipped; `true` when that was for the peer being unreachable
+/// ([`is_unreachable`]: `ECONNREFUSED` left by an ICMP error on a connected socket).
 fn send_all(
     fd: RawFd,
     datagrams: &[[IoSlice<'_>; 1]],
     to: &[Option<SockaddrStorage>],
     metrics: &Metrics,
-) {
+) -> bool {
     let mut sent = 0;
+    let mut unreachable = false;
     while sent < datagrams.len() {
         match udpio::send_batch(fd, &datagrams[sent..], &to[sent..]) {
             Ok(n) => sent += n.max(1),
@@ -251,14 +315,16 @@ fn send_all(
                 metrics
                     .udp_send_dropped
                     .inc_by((datagrams.len() - sent) as u64);
-                return;
+                break;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "udp send failed");
+                unreachable |= is_unreachable(&e);
                 sent += 1;
             }
         }
     }
+    unreachable
 }
 
 /// A worker thread's reply buffers, shared by the flows it runs: a flow costs no buffer of its
@@ -275,15 +341,28 @@ thread_local! {
     });
 }
 
-/// Relay replies from the upstream to one client until the flow is stopped.
+/// What a reply task shares with its flow.
+struct Reply {
+    state: Arc<FlowState>,
+    endpoint: Arc<EndpointStats>,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+/// Relay replies from the upstream to one client until the flow is stopped or its endpoint
+/// proves unreachable.
 async fn replies(
     upstream: Arc<ReadOnlyUdp>,
     listener: Arc<ReadOnlyUdp>,
     client: SocketAddr,
-    last_ms: Arc<AtomicU64>,
-    stop: CancellationToken,
-    metrics: Arc<Metrics>,
+    flow: Reply,
 ) {
+    let Reply {
+        state,
+        endpoint,
+        stop,
+        metrics,
+    } = flow;
     let client_addr = SockaddrStorage::from(client);
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
@@ -291,7 +370,8 @@ async fn replies(
         let mut ready = tokio::select! {
             biased;
             _ = &mut stopped => return,
-            r = upstream.readable() => match r {
+            // ERROR too: an ICMP error leaves the socket in error (`EPOLLERR`) but not readable.
+            r = upstream.ready(Interest::READABLE | Interest::ERROR) => match r {
                 Ok(ready) => ready,
                 Err(_) => return,
             },
@@ -308,17 +388,61 @@ async fn replies(
                 let datagrams: [[IoSlice<'_>; 1]; MAX_BATCH] = std::array::from_fn(|_| {
                     [IoSlice::new(at.next().map_or(&[][..], |i| batch.get(i).0))]
                 });
+                // Unreachable is about the client, not the endpoint: ignored here.
                 send_all(listener.as_raw_fd(), &datagrams[..got], &r.to, &metrics);
                 result
             })
         });
         if got > 0 {
-            last_ms.store(clock::now_ms(), Ordering::Relaxed);
+            state.last_ms.store(clock::now_ms(), Ordering::Relaxed);
+            endpoint.record_success();
         }
-        if let Ok(Err(_)) = result {
-            // ECONNREFUSED from an ICMP port unreachable: the endpoint is down; keep the flow
-            // until idle so the client is not switched mid-conversation.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match result {
+            Ok(Err(e)) if is_unreachable(&e) => {
+                state.refuse(&endpoint, &metrics);
+                return;
+            }
+            // Some other error: do not spin on it.
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listener side learns of a dead endpoint from its own send when the ICMP error is
+    /// still pending on the socket (the reply task had not taken it yet).
+    #[test]
+    fn send_all_reports_an_unreachable_peer() {
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = dead.local_addr().unwrap();
+        drop(dead); // nothing listens there now: the kernel answers ICMP port unreachable
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.connect(addr).unwrap();
+        let metrics = Metrics::default();
+        let datagrams = [[IoSlice::new(b"x")]];
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        // The first send goes out; the error it causes is reported to a later one.
+        assert!(!send_all(
+            s.as_raw_fd(),
+            &datagrams,
+            &udpio::CONNECTED[..1],
+            &metrics
+        ));
+        while !send_all(s.as_raw_fd(), &datagrams, &udpio::CONNECTED[..1], &metrics) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no ECONNREFUSED reported"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            metrics.udp_send_dropped.get(),
+            0,
+            "a refusal is not a full buffer"
+        );
     }
 }
