@@ -385,11 +385,26 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
     de_duration(d).map(Some)
 }
 
+/// The YAML parser's limits for a text of `len` bytes. serde-saphyr's default budget stops at
+/// 250,000 nodes and 1,000,000 events, which refuses a static config of 10,000 services in
+/// block style. A node written out takes at least one byte of input, so allowing one node per
+/// byte (and two events: a collection's end takes none) admits every document without aliases,
+/// while alias expansion (the "billion laughs") stays bounded by the input's size; the other
+/// limits (depth, aliases, anchors, 64 MiB of scalars) stay as they are.
+fn yaml_options(len: usize) -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::budget::Budget::default();
+    budget.max_nodes = budget.max_nodes.max(len);
+    budget.max_events = budget.max_events.max(len.saturating_mul(2));
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 impl Config {
     /// Parse YAML text (syntax and types only; see [`Config::to_desired`]).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let mut cfg: Config =
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut cfg: Config = serde_saphyr::from_str_with_options(text, yaml_options(text.len()))
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
         if cfg.shutdown_timeout.is_zero() {
             cfg.shutdown_timeout = Duration::from_secs(30);
         }
@@ -528,6 +543,37 @@ mod tests {
         assert_eq!(p.bind, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert!(short_port("80/sctp").is_err());
         assert!(short_port("99999").is_err());
+    }
+
+    /// A static config of 10,000 services × 10 endpoints in block style, the way people write
+    /// YAML, parses (serde-saphyr's default budget refused it); an alias bomb of a few hundred
+    /// bytes is still refused.
+    #[test]
+    fn a_large_block_style_config_parses_and_an_alias_bomb_does_not() {
+        let mut text = String::from("services:\n");
+        for i in 0..10_000u32 {
+            text += &format!(
+                "  s{i}:\n    ports:\n      - \"{}:80/tcp\"\n    policy: round_robin\n    health_check:\n      interval: 1h\n      timeout: 1s\n    timeouts:\n      connect: 2s\n    endpoints:\n",
+                20_000 + i
+            );
+            for e in 0..10u32 {
+                text += &format!("      - \"10.{}.{}.{e}:80\"\n", i / 256, i % 256);
+            }
+        }
+        assert!(
+            serde_saphyr::from_str::<Config>(&text).is_err(),
+            "the default budget refuses it (else this test proves nothing)"
+        );
+        let cfg = Config::parse(&text).expect("a large config parses");
+        assert_eq!(cfg.services.len(), 10_000);
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..8 {
+            let prev = (b'a' + level - 1) as char;
+            let name = (b'a' + level) as char;
+            bomb += &format!("{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n");
+        }
+        let err = Config::parse(&bomb).expect_err("an alias bomb is refused");
+        assert!(matches!(err, ConfigError::Parse(_)), "{err}");
     }
 
     #[test]
