@@ -298,8 +298,9 @@ fn open_upstream(addr: SocketAddr) -> std::io::Result<ReadOnlyUdp> {
 }
 
 /// Send a batch; what does not fit in the send buffer is dropped and counted. A datagram the
-/// kernel refuses is skipped; `true` when that was for the peer being unreachable
-/// ([`is_unreachable`]: `ECONNREFUSED` left by an ICMP error on a connected socket).
+/// kernel refuses is skipped; `true` when the peer proved unreachable ([`is_unreachable`]:
+/// `ECONNREFUSED` left by an ICMP error on a connected socket), and then the rest of the batch
+/// is not sent.
 fn send_all(
     fd: RawFd,
     datagrams: &[[IoSlice<'_>; 1]],
@@ -307,7 +308,6 @@ fn send_all(
     metrics: &Metrics,
 ) -> bool {
     let mut sent = 0;
-    let mut unreachable = false;
     while sent < datagrams.len() {
         match udpio::send_batch(fd, &datagrams[sent..], &to[sent..]) {
             Ok(n) => sent += n.max(1),
@@ -317,14 +317,15 @@ fn send_all(
                     .inc_by((datagrams.len() - sent) as u64);
                 break;
             }
+            // The rest would go to a peer known to be unreachable: dropped with this one.
+            Err(e) if is_unreachable(&e) => return true,
             Err(e) => {
                 tracing::debug!(error = %e, "udp send failed");
-                unreachable |= is_unreachable(&e);
                 sent += 1;
             }
         }
     }
-    unreachable
+    false
 }
 
 /// A worker thread's reply buffers, shared by the flows it runs: a flow costs no buffer of its
