@@ -209,12 +209,12 @@ impl Control {
                     Some(u) => self.apply(u).await,
                     None => providers_open = false,
                 },
-                _ = retry.tick() => {
-                    if !self.listeners.failed().is_empty() {
-                        let wanted = self.table.load().listeners.clone();
-                        self.listeners.reconcile(&wanted).await;
-                        self.refresh_listener_status();
-                    }
+                // Only while a listener is failed: otherwise the tick would wake this task
+                // every 5 s for nothing.
+                _ = retry.tick(), if !self.listeners.failed().is_empty() => {
+                    let wanted = self.table.load().listeners.clone();
+                    self.listeners.reconcile(&wanted).await;
+                    self.refresh_listener_status();
                 }
                 _ = shutdown.cancelled() => break,
             }
