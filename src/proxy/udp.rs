@@ -50,7 +50,7 @@ struct Flow {
     state: Arc<FlowState>,
     idle_ms: u64,
     stop: CancellationToken,
-    in_flight: InFlight,
+    _in_flight: InFlight,
 }
 
 /// What a flow's listener side and its reply task share.
@@ -59,13 +59,15 @@ struct FlowState {
     last_ms: AtomicU64,
     /// The endpoint proved unreachable: the flow is done, the client's next datagram re-routes.
     refused: AtomicBool,
+    /// The endpoint's stats, for its passive health.
+    endpoint: Arc<EndpointStats>,
 }
 
 impl FlowState {
     /// The endpoint refused this flow's datagrams: eject it (once per flow) and end the flow.
-    fn refuse(&self, endpoint: &EndpointStats, metrics: &Metrics) {
+    fn refuse(&self, metrics: &Metrics) {
         if !self.refused.swap(true, Ordering::Relaxed) {
-            endpoint.record_failure(clock::now_ms());
+            self.endpoint.record_failure(clock::now_ms());
             metrics.udp_upstream_unreachable.inc();
         }
     }
@@ -190,7 +192,7 @@ pub async fn serve(
             if refused {
                 let client = batch.get(run[0].1).1.peer;
                 if let Some(flow) = client.and_then(|c| flows.get(&c)) {
-                    flow.state.refuse(flow.in_flight.stats(), &metrics);
+                    flow.state.refuse(&metrics);
                 }
             }
         }
@@ -265,10 +267,11 @@ impl NewFlow<'_> {
             state: Arc::new(FlowState {
                 last_ms: AtomicU64::new(now),
                 refused: AtomicBool::new(false),
+                endpoint: Arc::clone(&endpoint.stats),
             }),
             idle_ms: idle.as_millis().max(1) as u64,
             stop: self.stop.child_token(),
-            in_flight: endpoint.stats.start(),
+            _in_flight: endpoint.stats.start(),
         };
         tokio::spawn(replies(
             upstream,
@@ -276,7 +279,6 @@ impl NewFlow<'_> {
             client,
             Reply {
                 state: Arc::clone(&flow.state),
-                endpoint: Arc::clone(&endpoint.stats),
                 stop: flow.stop.clone(),
                 metrics: Arc::clone(self.metrics),
             },
@@ -345,7 +347,6 @@ thread_local! {
 /// What a reply task shares with its flow.
 struct Reply {
     state: Arc<FlowState>,
-    endpoint: Arc<EndpointStats>,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
 }
@@ -360,7 +361,6 @@ async fn replies(
 ) {
     let Reply {
         state,
-        endpoint,
         stop,
         metrics,
     } = flow;
@@ -396,11 +396,11 @@ async fn replies(
         });
         if got > 0 {
             state.last_ms.store(clock::now_ms(), Ordering::Relaxed);
-            endpoint.record_success();
+            state.endpoint.record_success();
         }
         match result {
             Ok(Err(e)) if is_unreachable(&e) => {
-                state.refuse(&endpoint, &metrics);
+                state.refuse(&metrics);
                 return;
             }
             // Some other error: do not spin on it.
