@@ -67,6 +67,10 @@ pub struct Config {
     pub reuse_port: bool,
     /// How L4 TCP connections move a stream's bytes (read at start).
     pub l4_copy: crate::proxy::copy::CopyMode,
+    /// TCP congestion control of the connections meshgate opens to endpoints (L4 and HTTP), for
+    /// example `cubic`; unset: the kernel's default (`net.ipv4.tcp_congestion_control`). Read at
+    /// start.
+    pub upstream_congestion: Option<crate::tcpio::CongestionControl>,
     /// Dynamic providers.
     pub providers: ProvidersConfig,
     /// Embedded DNS server and service VIPs.
@@ -588,6 +592,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("sendfile") && msg.contains('2'), "{msg}");
+    }
+
+    #[test]
+    fn upstream_congestion_is_unset_by_default_and_a_bad_name_is_refused() {
+        assert_eq!(Config::parse("{}").unwrap().upstream_congestion, None);
+        let cc = Config::parse("upstream_congestion: cubic\n")
+            .unwrap()
+            .upstream_congestion;
+        assert_eq!(cc.as_ref().map(|c| c.as_str()), Some("cubic"));
+        let msg = Config::parse("\n\nupstream_congestion: \"cu bic\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("cu bic") && msg.contains('3'), "{msg}");
     }
 
     #[test]

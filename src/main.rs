@@ -65,6 +65,11 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // What `run` would refuse at start: a congestion control this kernel does not offer.
+    if let Err(e) = meshgate::tcpio::set_upstream_congestion(cfg.upstream_congestion.as_ref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let stats = meshgate::stats::StatsRegistry::default();
     let opts = meshgate::table::BuildOptions {
         dns: cfg.dns.clone(),

@@ -12,14 +12,14 @@
 //! under TLS (rustls reads and writes records through it) and HTTP/2.
 
 use std::io::{self, IoSlice};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// `recv(2)` into the spare capacity of `buf` (there must be some); its length grows by what
 /// was read. A would-block is `ErrorKind::WouldBlock`: call it inside `try_io`.
@@ -155,6 +155,109 @@ impl From<TcpStream> for LazyTcp {
     fn from(s: TcpStream) -> LazyTcp {
         LazyTcp(Sock::Registered(s))
     }
+}
+
+/// A TCP congestion control algorithm's name, as `setsockopt(TCP_CONGESTION)` takes it: 1 to
+/// 15 characters of `[A-Za-z0-9_-]` (`cubic`, `reno`, `bbr`, …). Whether the kernel has it is
+/// checked when it is put to use ([`set_upstream_congestion`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct CongestionControl(Box<str>);
+
+impl CongestionControl {
+    pub fn new(name: &str) -> Result<CongestionControl, String> {
+        let ok = (1..=15).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(CongestionControl(name.into()))
+        } else {
+            Err(format!(
+                "`{name}` is not a congestion control name (1 to 15 of A-Z a-z 0-9 _ -); \
+                 the kernel offers: {}",
+                available_congestion()
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CongestionControl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        CongestionControl::new(&name).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `net.ipv4.tcp_congestion_control`: what new sockets get (empty if unreadable).
+pub fn kernel_congestion() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `net.ipv4.tcp_available_congestion_control`, for error messages.
+fn available_congestion() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "(unknown)".to_owned())
+}
+
+/// The congestion control of connections to endpoints (`upstream_congestion`); empty: the
+/// kernel's default.
+static UPSTREAM_CONGESTION: arc_swap::ArcSwapOption<CongestionControl> =
+    arc_swap::ArcSwapOption::const_empty();
+
+/// Use `cc` for the connections [`connect_upstream`] opens from now on (start-up; tests). The
+/// kernel must accept it: tried on a throwaway socket first, so a module that is not loaded, or
+/// one an unprivileged process may not pick (`net.ipv4.tcp_allowed_congestion_control`), is an
+/// error here and not a silent fallback on every connection.
+pub fn set_upstream_congestion(cc: Option<&CongestionControl>) -> io::Result<()> {
+    if let Some(cc) = cc {
+        let probe = TcpSocket::new_v4()?;
+        rustix::net::sockopt::set_tcp_congestion(&probe, cc.as_str()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "upstream_congestion: the kernel refused `{}`: {e}; available: {}; allowed \
+                     without CAP_NET_ADMIN: {}",
+                    cc.as_str(),
+                    available_congestion(),
+                    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+                        .map(|s| s.trim().to_owned())
+                        .unwrap_or_default()
+                ),
+            )
+        })?;
+    }
+    UPSTREAM_CONGESTION.store(cc.cloned().map(std::sync::Arc::new));
+    Ok(())
+}
+
+/// A TCP connection to an endpoint, with the configured congestion control
+/// ([`set_upstream_congestion`]). Without one it is `TcpStream::connect`: the same system calls.
+pub async fn connect_upstream(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = {
+        let guard = UPSTREAM_CONGESTION.load();
+        let Some(cc) = guard.as_deref() else {
+            drop(guard);
+            return TcpStream::connect(addr).await;
+        };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // Checked at start; should the kernel refuse it now (a module unloaded since), the
+        // connection still goes out, with the kernel's default.
+        let _ = rustix::net::sockopt::set_tcp_congestion(&socket, cc.as_str());
+        socket
+    };
+    socket.connect(addr).await
 }
 
 fn gone() -> io::Error {
@@ -349,6 +452,54 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
         (a.unwrap(), b.unwrap().0)
+    }
+
+    /// `upstream_congestion` reaches the sockets `connect_upstream` opens, and unset leaves them
+    /// on the kernel's default; a name the kernel lacks is refused with the available ones.
+    /// (The only test that sets it: others connecting meanwhile just get `reno`.)
+    #[tokio::test]
+    async fn upstream_congestion_is_set_on_connections_to_endpoints() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let kernel_default = kernel_congestion();
+        let kernel_default = kernel_default.as_str();
+        // `reno` is always built in; pick `cubic` if the default is already `reno`.
+        let name = if kernel_default == "reno" {
+            "cubic"
+        } else {
+            "reno"
+        };
+        let cc = CongestionControl::new(name).unwrap();
+
+        set_upstream_congestion(Some(&cc)).unwrap();
+        let (s, _) = tokio::join!(connect_upstream(addr), l.accept());
+        let set = rustix::net::sockopt::tcp_congestion(s.unwrap()).unwrap();
+        set_upstream_congestion(None).unwrap();
+        let (s, _) = tokio::join!(connect_upstream(addr), l.accept());
+        let unset = rustix::net::sockopt::tcp_congestion(s.unwrap()).unwrap();
+        assert_eq!((set.as_str(), unset.as_str()), (name, kernel_default));
+
+        let err = set_upstream_congestion(Some(&CongestionControl::new("nosuchcc").unwrap()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nosuchcc") && err.contains("available: "),
+            "{err}"
+        );
+        assert!(
+            UPSTREAM_CONGESTION.load().is_none(),
+            "a refused name is not kept"
+        );
+    }
+
+    #[test]
+    fn congestion_names_are_checked() {
+        for good in ["cubic", "bbr", "dctcp", "scalable_tcp-2"] {
+            assert_eq!(CongestionControl::new(good).unwrap().as_str(), good);
+        }
+        for bad in ["", "cu bic", "a/b", "sixteen-chars-xx", "bbr\n"] {
+            assert!(CongestionControl::new(bad).is_err(), "{bad:?}");
+        }
     }
 
     /// Bytes cross both ways through `RawTcp` (plain and vectored writes), a large write is

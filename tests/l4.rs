@@ -829,3 +829,81 @@ async fn accept_backs_off_on_emfile_and_recovers() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The congestion control of meshgate's socket connected to `peer`, read through a duplicate
+/// of the process's descriptor (`pidfd_getfd`: same user, Linux 5.6+).
+fn congestion_of_socket_to(pid: i32, peer: std::net::SocketAddr) -> Option<String> {
+    use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
+    let pidfd = pidfd_open(Pid::from_raw(pid)?, PidfdFlags::empty()).expect("pidfd_open");
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let Ok(n) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(fd) = pidfd_getfd(&pidfd, n, PidfdGetfdFlags::empty()) else {
+            continue;
+        };
+        let peer_of = rustix::net::getpeername(&fd).ok().flatten();
+        let peer_of = peer_of.and_then(|a| std::net::SocketAddr::try_from(a).ok());
+        if peer_of == Some(peer) {
+            return rustix::net::sockopt::tcp_congestion(&fd).ok();
+        }
+    }
+    None
+}
+
+/// `upstream_congestion` applies to the connections meshgate opens to endpoints, L4 and HTTP,
+/// and only to them: the client's connection keeps the kernel's default.
+#[tokio::test]
+async fn upstream_congestion_applies_to_endpoint_connections_only() {
+    let kernel_default = meshgate::tcpio::kernel_congestion();
+    let wanted = if kernel_default == "reno" {
+        "cubic"
+    } else {
+        "reno"
+    };
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let port = free_port();
+    let web_backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let web_addr = web_backend.local_addr().unwrap();
+    let web_port = free_port();
+    let body = format!(
+        "upstream_congestion: {wanted}\nservices:\n{}  web:\n    http_port: {}\n    endpoints: [\"{web_addr}\"]\n\
+         entrypoints:\n  web: {{ bind: \"127.0.0.1:{web_port}\" }}\n\
+         routers:\n  r: {{ entrypoints: [web], rule: \"PathPrefix(`/`)\", service: web }}\n",
+        service("cc", port, "round_robin", &[backend_addr.to_string()]),
+        web_addr.port()
+    );
+    let mg = Meshgate::start(&body).await;
+    // HTTP: meshgate connects to the endpoint when the request arrives.
+    let mut http = TcpStream::connect(addr(web_port)).await.unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (_web_upstream, _) = tokio::time::timeout(Duration::from_secs(5), web_backend.accept())
+        .await
+        .expect("meshgate connects to the HTTP endpoint")
+        .unwrap();
+    assert_eq!(
+        congestion_of_socket_to(mg.pid(), web_addr).as_deref(),
+        Some(wanted),
+        "HTTP upstream"
+    );
+    let client = TcpStream::connect(addr(port)).await.unwrap();
+    let (_upstream, _) = tokio::time::timeout(Duration::from_secs(5), backend.accept())
+        .await
+        .expect("meshgate connects to the endpoint")
+        .unwrap();
+    let to_endpoint = congestion_of_socket_to(mg.pid(), backend_addr);
+    let to_client = congestion_of_socket_to(mg.pid(), client.local_addr().unwrap());
+    assert_eq!(
+        (to_endpoint.as_deref(), to_client.as_deref()),
+        (Some(wanted), Some(kernel_default.as_str()))
+    );
+}

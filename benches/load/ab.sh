@@ -8,15 +8,18 @@
 # generator to LOAD_CPU, loopback only, every process stopped by PID on exit.
 # `dns`: both as DNS servers of 1,000 names, dnsperf (4 sockets) at DNS_RATE queries/s (0, the
 # default: as fast as it goes); compared by server CPU µs per answered query (lower is better).
-# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|h1tls|l4|l4close|dns] [rounds] [seconds]
+# `bulk`: iperf3 (STREAMS streams, default 1) through an L4 port to `iperf3 -s`, in Gbit/s, with
+# a direct round (no proxy) beside each A B pair for scale.
+# Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|h1tls|l4|l4close|dns|bulk] [rounds] [seconds]
 # THREADS=N (default 1): N worker threads per proxy and N load threads with 64*N connections;
 # with N > 1 nothing is pinned (proxies, backend and load share every core).
+# A_EXTRA / B_EXTRA='upstream_congestion: cubic': top-level YAML appended to A's or B's config.
 set -u -o pipefail
 A=$1; B=$2; MODE=${3:-http}; ROUNDS=${4:-5}; SECS=${5:-4}
 LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-26000}
 THREADS=${THREADS:-1}; C=$((64 * THREADS))
 if [ "$THREADS" -gt 1 ]; then ALL=$(seq -s, 0 $(($(nproc) - 1))); LOAD_CPU=$ALL; PROXY_CPU=$ALL; fi
-NEED="nginx wrk h2load openssl"; [ "$MODE" = dns ] && NEED="$NEED dnsperf"
+NEED="nginx wrk h2load openssl"; [ "$MODE" = dns ] && NEED="$NEED dnsperf"; [ "$MODE" = bulk ] && NEED="$NEED iperf3 python3"
 for t in $NEED; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
 . "$(cd "$(dirname "$0")" && pwd)/common.sh"
 lb_tmp meshgate-ab
@@ -26,18 +29,24 @@ case $MODE in h2|h1tls) KIND=https; SCHEME=https ;; esac
 CLOSE=; case $MODE in close|l4close) CLOSE=1 ;; esac
 if [ "$MODE" = l4 ] || [ "$MODE" = l4close ]; then
   lb_l4_config $((P+2)) >"$TMP/a.yaml"; lb_l4_config $((P+3)) >"$TMP/b.yaml"
+elif [ "$MODE" = bulk ]; then
+  lb_l4_config $((P+2)) $((P+4)) >"$TMP/a.yaml"; lb_l4_config $((P+3)) $((P+4)) >"$TMP/b.yaml"
+  taskset -c "$PROXY_CPU" iperf3 -s -B 127.0.0.1 -p $((P+4)) >/dev/null 2>&1 & PIDS+=($!)
 elif [ "$MODE" = dns ]; then
   lb_dns_config $((P+2)) >"$TMP/a.yaml"; lb_dns_config $((P+3)) >"$TMP/b.yaml"
   for i in $(seq 0 999); do echo "s$i.meshgate A"; done >"$TMP/queries.txt"
 else
   lb_config $((P+2)) "$KIND" >"$TMP/a.yaml"; lb_config $((P+3)) "$KIND" >"$TMP/b.yaml"
 fi
+# A_EXTRA / B_EXTRA: YAML lines appended to one side's config, to A/B a setting with one binary.
+[ -n "${A_EXTRA:-}" ] && printf '%s\n' "$A_EXTRA" >>"$TMP/a.yaml"
+[ -n "${B_EXTRA:-}" ] && printf '%s\n' "$B_EXTRA" >>"$TMP/b.yaml"
 lb_backend
 TOKIO_WORKER_THREADS=$THREADS taskset -c "$PROXY_CPU" "$A" run --config "$TMP/a.yaml" & PIDS+=($!); PA=$!
 TOKIO_WORKER_THREADS=$THREADS taskset -c "$PROXY_CPU" "$B" run --config "$TMP/b.yaml" & PIDS+=($!); PB=$!
 sleep 1
 ticks() { cat /proc/"$1"/task/*/stat | awk '{s += $14 + $15} END {print s}'; } # utime+stime, all threads
-UNIT="req/s"; [ "$MODE" = dns ] && UNIT="us/query"
+UNIT="req/s"; [ "$MODE" = dns ] && UNIT="us/query"; [ "$MODE" = bulk ] && UNIT="Gbit/s"
 run() { # port seconds -> req/s (dns: server CPU us per answered query)
   if [ "$MODE" = dns ]; then
     local pid=$PA c0 c1 q; [ "$1" = $((P+3)) ] && pid=$PB
@@ -46,6 +55,11 @@ run() { # port seconds -> req/s (dns: server CPU us per answered query)
       $( [ "${DNS_RATE:-0}" != 0 ] && echo "-Q $DNS_RATE") 2>&1 | sed -n 's/^ *Queries per second: *\([0-9.]*\).*/\1/p')
     c1=$(ticks "$pid")
     python3 -c "q=${q:-0}*$2; print(round(($c1-$c0)*1e4/q, 3) if q else 0)"
+  elif [ "$MODE" = bulk ]; then
+    taskset -c "$LOAD_CPU" iperf3 -c 127.0.0.1 -p "$1" -P "${STREAMS:-1}" -t "$2" -J 2>/dev/null | python3 -c '
+import json, sys
+try: print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9, 3))
+except Exception: print(0)'
   elif [ "$MODE" = h2 ]; then
     taskset -c "$LOAD_CPU" h2load -t"$THREADS" -c"$C" -m10 -D "$2" "https://127.0.0.1:$1/" 2>&1 |
       sed -n 's/.*finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p'
@@ -55,7 +69,7 @@ run() { # port seconds -> req/s (dns: server CPU us per answered query)
   fi
 }
 run $((P+2)) 1 >/dev/null; run $((P+3)) 1 >/dev/null
-ra=(); rb=(); ca=(); cb=()
+ra=(); rb=(); ca=(); cb=(); rd=()
 # One round of PORT's proxy (PID) for SECS: the rate, and (except dns) the proxy's CPU µs per
 # request from its utime+stime over the round; steadier than req/s on a machine whose speed
 # drifts between rounds.
@@ -67,19 +81,26 @@ round_of() { # port pid -> "rate cpu"
 for r in $(seq "$ROUNDS"); do
   read -r a cpa <<<"$(round_of $((P+2)) "$PA")"; read -r b cpb <<<"$(round_of $((P+3)) "$PB")"
   if [ "$MODE" = dns ]; then echo "round $r: A $a $UNIT, B $b $UNIT"
+  elif [ "$MODE" = bulk ]; then
+    d=$(run $((P+4)) "$SECS"); rd+=("$d")
+    echo "round $r: A $a $UNIT ($cpa CPU-us per Gbit), B $b $UNIT ($cpb CPU-us per Gbit), direct $d"
   else echo "round $r: A $a $UNIT ($cpa us/req), B $b $UNIT ($cpb us/req)"; fi
   ra+=("$a"); rb+=("$b"); ca+=("$cpa"); cb+=("$cpb")
 done
-python3 - "${ra[*]}" "${rb[*]}" "$UNIT" "${ca[*]}" "${cb[*]}" <<'EOF2'
+python3 - "${ra[*]}" "${rb[*]}" "$UNIT" "${ca[*]}" "${cb[*]}" "${rd[*]:-}" <<'EOF2'
 import sys, statistics
 a = [float(x) for x in sys.argv[1].split()]; b = [float(x) for x in sys.argv[2].split()]
 ma, mb, unit = statistics.median(a), statistics.median(b), sys.argv[3]
-f = ".3f" if unit == "us/query" else ".0f"
+f = ".0f" if unit == "req/s" else ".3f"
 print(f"median A {ma:{f}} {unit}, B {mb:{f}} {unit}, B/A {mb / ma:.3f}")
+if sys.argv[6].split():
+    d = statistics.median(float(x) for x in sys.argv[6].split())
+    print(f"median direct {d:.3f} {unit}: A {ma / d:.2f}x direct, B {mb / d:.2f}x direct")
 if unit != "us/query":
     ca = [float(x) for x in sys.argv[4].split()]; cb = [float(x) for x in sys.argv[5].split()]
     pairs = sorted(y / x for x, y in zip(ca, cb) if x)
-    print(f"proxy CPU us/req: median A {statistics.median(ca):.2f}, B {statistics.median(cb):.2f}, "
+    per = "Gbit" if unit == "Gbit/s" else "req"
+    print(f"proxy CPU us/{per}: median A {statistics.median(ca):.2f}, B {statistics.median(cb):.2f}, "
           f"B/A {statistics.median(cb) / statistics.median(ca):.3f}; per-round B/A median "
           f"{statistics.median(pairs):.3f} (range {pairs[0]:.3f}-{pairs[-1]:.3f})")
 EOF2

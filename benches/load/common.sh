@@ -42,11 +42,12 @@ CONF
   return 0
 }
 
-# meshgate config on stdout: the backend behind an L4 TCP port on 127.0.0.1:PORT.
-# Usage: lb_l4_config PORT
+# meshgate config on stdout: the backend (or 127.0.0.1:BACKEND_PORT) behind an L4 TCP port on
+# 127.0.0.1:PORT.
+# Usage: lb_l4_config PORT [BACKEND_PORT]
 lb_l4_config() {
   printf 'log: {level: warn}\nadmin: {enabled: false}\nproviders: {file: {watch: false}}\n'
-  printf 'services: {web: {ports: ["127.0.0.1:%s:80/tcp"], endpoints: ["127.0.0.1:%s"]}}\n' "$1" $((P+1))
+  printf 'services: {web: {ports: ["127.0.0.1:%s:80/tcp"], endpoints: ["127.0.0.1:%s"]}}\n' "$1" "${2:-$((P+1))}"
 }
 
 # meshgate config on stdout: a DNS server on 127.0.0.1:PORT (UDP and TCP) for the names

@@ -36,6 +36,7 @@ CONNS=${CONNS:-64}          # wrk / h2load concurrent connections
 MEM_CONNS=${MEM_CONNS:-}    # idle connections held in the memory scenario
 BACKEND=${BACKEND:-nginx}   # nginx (static 'ok' answer) or echo (meshgate-echo)
 L4_COPY=${L4_COPY:-splice}  # meshgate's l4_copy setting: splice or buffer
+UPSTREAM_CC=${UPSTREAM_CC-cubic} # meshgate's upstream_congestion (empty: the kernel's default)
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -282,6 +283,7 @@ log: {level: warn}
 admin: {enabled: false}
 providers: {file: {watch: false}}
 l4_copy: $L4_COPY
+${UPSTREAM_CC:+upstream_congestion: $UPSTREAM_CC}
 services:
   web:
     ports: ["127.0.0.1:$M_L4HTTP:80/tcp"]
@@ -786,7 +788,7 @@ sc_mem() {
 # The kernel's default TCP congestion control shapes every loopback TCP result, L4 bulk most
 # (with bbr, and no fq qdisc on lo, each sender paces itself with timers): it goes in the table.
 TCP_CC=$(cat /proc/sys/net/ipv4/tcp_congestion_control 2>/dev/null || echo unknown)
-note "mode=$MODE rounds=$ROUNDS duration=${DURATION}s conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY mem_conns=$MEM_CONNS nofile=$NOFILE tcp_cc=$TCP_CC"
+note "mode=$MODE rounds=$ROUNDS duration=${DURATION}s conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY upstream_cc=${UPSTREAM_CC:-kernel} mem_conns=$MEM_CONNS nofile=$NOFILE tcp_cc=$TCP_CC"
 if [ "$WAIT_QUIET" -gt 0 ]; then
   end=$((SECONDS + WAIT_QUIET))
   while [ $SECONDS -lt $end ] && ! awk '{exit !($1 < 1.0)}' /proc/loadavg; do sleep 5; done
@@ -802,7 +804,7 @@ if want mem; then sc_mem; fi
 
 # ---------------------------------------------------------------- table
 {
-echo "mode=$MODE rounds=$ROUNDS duration=${DURATION}s wrk/h2load conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY idle conns=$MEM_CONNS tcp_cc=$TCP_CC;" \
+echo "mode=$MODE rounds=$ROUNDS duration=${DURATION}s wrk/h2load conns=$CONNS backend=$BACKEND l4_copy=$L4_COPY upstream_cc=${UPSTREAM_CC:-kernel} idle conns=$MEM_CONNS tcp_cc=$TCP_CC;" \
   "load average at start: $LOAD0, at end: $(cut -d' ' -f1-3 /proc/loadavg); $(date -u +%FT%TZ)"
 echo
 python3 - "$RES" <<'EOF'

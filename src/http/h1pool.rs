@@ -315,7 +315,7 @@ pub async fn idle_or_connect(
 
 /// A new TCP connection to `addr` (TCP_NODELAY set), classified on failure.
 pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    let tcp = match tokio::time::timeout(timeout, crate::tcpio::connect_upstream(addr)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             tracing::debug!(endpoint = %addr, error = %e, "connect failed");

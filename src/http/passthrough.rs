@@ -178,8 +178,11 @@ pub(crate) async fn serve(conn: Arc<ConnState>, mut stream: TcpStream) {
         exclude.insert(idx);
         let endpoint = &pool.endpoints[idx];
         let started = clock::now_ns();
-        let upstream =
-            tokio::time::timeout(spec.timeouts.connect, TcpStream::connect(endpoint.addr)).await;
+        let upstream = tokio::time::timeout(
+            spec.timeouts.connect,
+            crate::tcpio::connect_upstream(endpoint.addr),
+        )
+        .await;
         let mut upstream = match upstream {
             Ok(Ok(s)) => s,
             _ => {

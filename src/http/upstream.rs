@@ -136,7 +136,7 @@ impl tower_service::Service<Uri> for Connector {
                 })?;
             let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
             let deadline = tokio::time::Instant::now() + this.timeout;
-            let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+            let tcp = tokio::time::timeout_at(deadline, crate::tcpio::connect_upstream(addr))
                 .await
                 .map_err(|_| timed_out())??;
             let _ = tcp.set_nodelay(true);

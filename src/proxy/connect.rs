@@ -91,7 +91,8 @@ pub async fn connect(
         let endpoint = &pool.endpoints[i];
         let in_flight = endpoint.stats.start();
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, TcpStream::connect(endpoint.addr)).await;
+        let result =
+            tokio::time::timeout(timeout, crate::tcpio::connect_upstream(endpoint.addr)).await;
         let err = match result {
             Ok(Ok(stream)) => {
                 endpoint
