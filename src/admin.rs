@@ -135,7 +135,7 @@ pub fn table_json(table: &RoutingTable) -> serde_json::Value {
                             })
                         })
                         .collect();
-                    json!({ "target_port": p.target, "endpoints": eps })
+                    json!({ "target_port": p.target, "protocol": p.protocol, "endpoints": eps })
                 })
                 .collect();
             let draining: Vec<_> = s

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{HealthCheckSpec, Protocol, ServiceSpec};
+use crate::model::{HealthCheckSpec, Protocol};
 use crate::stats::{EndpointStats, Health};
 use crate::table::RoutingTable;
 
@@ -60,17 +60,6 @@ struct Schedule {
     due: BinaryHeap<Reverse<(Instant, Key)>>,
 }
 
-/// Does TCP traffic reach `target` (a TCP port's target, or the HTTP routers' port)? A check
-/// connects over TCP, so endpoints of a UDP-only target are not checked: a TCP connect to a
-/// UDP server fails and would mark every one down.
-fn tcp_target(spec: &ServiceSpec, target: u16) -> bool {
-    spec.http_port == Some(target)
-        || spec
-            .ports
-            .iter()
-            .any(|p| p.target == target && p.protocol == Protocol::Tcp)
-}
-
 fn interval(spec: &HealthCheckSpec) -> Duration {
     spec.interval.max(MIN_INTERVAL)
 }
@@ -86,11 +75,10 @@ impl Schedule {
             let Some(spec) = &service.spec.health_check else {
                 continue;
             };
-            for pool in service
-                .pools
-                .iter()
-                .filter(|p| tcp_target(&service.spec, p.target))
-            {
+            // A check connects over TCP: it judges the TCP pools (TCP ports, the HTTP port)
+            // only. A UDP pool has its own endpoint stats, even on the same target, so a UDP
+            // server that takes no TCP is not marked down by it.
+            for pool in service.pools.iter().filter(|p| p.protocol == Protocol::Tcp) {
                 for endpoint in pool.endpoints.iter() {
                     wanted.insert((Arc::clone(&service.name), endpoint.addr), spec);
                 }
@@ -249,10 +237,11 @@ pub async fn run(
     }
 }
 
-/// The stats of a service's endpoint in `table`, if it serves it.
+/// The stats of a service's TCP endpoint in `table`, if it serves it.
 fn endpoint_stats<'t>(table: &'t RoutingTable, key: &Key) -> Option<&'t Arc<EndpointStats>> {
     let service = table.services.get(&key.0)?;
-    let mut endpoints = service.pools.iter().flat_map(|p| p.endpoints.iter());
+    let tcp = service.pools.iter().filter(|p| p.protocol == Protocol::Tcp);
+    let mut endpoints = tcp.flat_map(|p| p.endpoints.iter());
     endpoints.find(|e| e.addr == key.1).map(|e| &e.stats)
 }
 
@@ -315,7 +304,7 @@ fn status_ok(head: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DesiredState, EndpointSpec};
+    use crate::model::{DesiredState, EndpointSpec, ServiceSpec};
     use crate::stats::StatsRegistry;
     use crate::table::BuildOptions;
 
@@ -455,7 +444,8 @@ mod tests {
         let mut d = DesiredState::default();
         d.services.insert("dns".into(), s);
         let t = RoutingTable::build(&d, &BuildOptions::default(), &StatsRegistry::default(), 1);
-        assert_eq!(t.services["dns"].pools.len(), 2);
+        // 53/udp, 5353/udp and 5353/tcp: the same target over both transports is two pools.
+        assert_eq!(t.services["dns"].pools.len(), 3);
         let mut sched = Schedule::default();
         sched.sync(&t, Instant::now());
         let checked: Vec<u16> = sched.states.keys().map(|k| k.1.port()).collect();

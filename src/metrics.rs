@@ -146,6 +146,7 @@ impl prometheus_client::collector::Collector for TableCollector {
                         let labels: Labels = vec![
                             ("service".into(), s.name.to_string()),
                             ("endpoint".into(), e.addr.to_string()),
+                            ("protocol".into(), p.protocol.to_string()),
                         ];
                         (labels, e)
                     })

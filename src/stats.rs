@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::clock;
+use crate::model::Protocol;
 
 /// Latency assumed for an endpoint with no sample yet, in nanoseconds.
 ///
@@ -180,8 +181,10 @@ impl Drop for InFlight {
     }
 }
 
-/// Key of an endpoint's stats: the service and the resolved upstream address.
-pub type StatsKey = (Arc<str>, SocketAddr);
+/// Key of an endpoint's stats: the service, the transport and the resolved upstream address.
+/// TCP and UDP to the same `ip:port` are different endpoints: a DNS server may answer on one and
+/// not the other, so a verdict on one must not eject the other.
+pub type StatsKey = (Arc<str>, Protocol, SocketAddr);
 
 /// Control-path map from endpoint key to its stats. Only table builds and the health checker use
 /// it, never the data path, so a plain mutex is right: it is held for a map lookup, never across
@@ -193,10 +196,16 @@ pub struct StatsRegistry {
 
 impl StatsRegistry {
     /// The stats for `key`, created if new; marks it as used by `generation`.
-    pub fn get(&self, service: &Arc<str>, addr: SocketAddr, generation: u64) -> Arc<EndpointStats> {
+    pub fn get(
+        &self,
+        service: &Arc<str>,
+        protocol: Protocol,
+        addr: SocketAddr,
+        generation: u64,
+    ) -> Arc<EndpointStats> {
         let mut map = self.map.lock().expect("stats registry poisoned");
         let entry = map
-            .entry((Arc::clone(service), addr))
+            .entry((Arc::clone(service), protocol, addr))
             .or_insert_with(|| (Arc::new(EndpointStats::default()), generation));
         entry.1 = generation;
         Arc::clone(&entry.0)

@@ -56,11 +56,15 @@ impl std::fmt::Display for ListenKey {
     }
 }
 
-/// The endpoints of a service for one target port, with the balancer built over them.
+/// The endpoints of a service for one target port and transport, with the balancer built over
+/// them.
 #[derive(Debug)]
 pub struct Pool {
     /// The service's target port this pool serves.
     pub target: u16,
+    /// TCP (L4 TCP ports and HTTP) or UDP: the same target over both is two pools, with their
+    /// own endpoint stats.
+    pub protocol: Protocol,
     /// Endpoints that may take new connections (draining ones are left out).
     pub endpoints: Box<[Endpoint]>,
     pub balancer: Balancer,
@@ -71,14 +75,16 @@ pub struct Pool {
 pub struct ServiceRoute {
     pub name: Arc<str>,
     pub spec: ServiceSpec,
-    /// One pool per distinct target port (L4 ports and the HTTP port).
+    /// One pool per distinct target port and transport (L4 ports and the HTTP port, TCP).
     pub pools: Vec<Pool>,
 }
 
 impl ServiceRoute {
-    /// The pool for a target port.
-    pub fn pool(&self, target: u16) -> Option<&Pool> {
-        self.pools.iter().find(|p| p.target == target)
+    /// The index of the pool for a target port over `protocol`.
+    pub fn pool_index(&self, target: u16, protocol: Protocol) -> Option<usize> {
+        self.pools
+            .iter()
+            .position(|p| p.target == target && p.protocol == protocol)
     }
 }
 
@@ -152,10 +158,8 @@ impl RoutingTable {
             let route = Arc::new(build_service(spec, stats, generation));
             for port in &spec.ports {
                 let pool = route
-                    .pools
-                    .iter()
-                    .position(|p| p.target == port.target)
-                    .expect("a pool exists for every port target");
+                    .pool_index(port.target, port.protocol)
+                    .expect("a pool exists for every port's target and protocol");
                 let mut addrs = vec![SocketAddr::new(port.bind, port.published)];
                 // A wildcard bind already accepts on the VIP (a local address), and Linux refuses
                 // a second listener on VIP:port beside 0.0.0.0:port (EADDRINUSE), so the VIP
@@ -251,13 +255,14 @@ fn claim(
 
 fn build_service(spec: &ServiceSpec, stats: &StatsRegistry, generation: u64) -> ServiceRoute {
     let name: Arc<str> = Arc::from(spec.name.as_str());
-    let mut targets: Vec<u16> = spec.ports.iter().map(|p| p.target).collect();
-    targets.extend(spec.http_port);
+    let mut targets: Vec<(u16, Protocol)> =
+        spec.ports.iter().map(|p| (p.target, p.protocol)).collect();
+    targets.extend(spec.http_port.map(|t| (t, Protocol::Tcp)));
     targets.sort_unstable();
     targets.dedup();
     let pools = targets
         .into_iter()
-        .map(|target| build_pool(&name, spec, target, stats, generation))
+        .map(|(target, protocol)| build_pool(&name, spec, target, protocol, stats, generation))
         .collect();
     ServiceRoute {
         name,
@@ -270,6 +275,7 @@ fn build_pool(
     name: &Arc<str>,
     spec: &ServiceSpec,
     target: u16,
+    protocol: Protocol,
     stats: &StatsRegistry,
     generation: u64,
 ) -> Pool {
@@ -283,7 +289,7 @@ fn build_pool(
                 addr,
                 weight: e.weight,
                 id: Arc::from(e.id.as_str()),
-                stats: stats.get(name, addr, generation),
+                stats: stats.get(name, protocol, addr, generation),
             }
         })
         .collect();
@@ -291,6 +297,7 @@ fn build_pool(
     debug_assert_eq!(balancer.policy(), spec.policy);
     Pool {
         target,
+        protocol,
         endpoints,
         balancer,
     }
@@ -367,6 +374,47 @@ mod tests {
         assert_eq!(t.listeners.values().next().unwrap().owner, "a");
         assert_eq!(t.problems.len(), 2, "{:?}", t.problems);
         assert!(t.problems.iter().any(|p| p.object == "web"));
+    }
+
+    /// The same target over TCP and UDP (DNS on 53/tcp and 53/udp) is two pools whose endpoints
+    /// have their own stats: a TCP verdict does not eject the UDP endpoint, nor the reverse; and
+    /// each listener routes to its own transport's pool.
+    #[test]
+    fn tcp_and_udp_on_one_target_keep_separate_endpoint_stats() {
+        let stats = StatsRegistry::default();
+        let mut s = svc("dns", 5353);
+        s.ports.push(PortSpec {
+            protocol: Protocol::Udp,
+            ..s.ports[0]
+        });
+        let mut d = DesiredState::default();
+        d.services.insert("dns".into(), s);
+        let t = RoutingTable::build(&d, &BuildOptions::default(), &stats, 1);
+        let route_of = |kind| {
+            let addr = "0.0.0.0:5353".parse().unwrap();
+            t.l4[&ListenKey { kind, addr }].pool()
+        };
+        let (tcp, udp) = (route_of(ListenKind::Tcp), route_of(ListenKind::Udp));
+        assert_eq!((tcp.protocol, udp.protocol), (Protocol::Tcp, Protocol::Udp));
+        assert_eq!(tcp.endpoints[0].addr, udp.endpoints[0].addr);
+        udp.endpoints[0]
+            .stats
+            .record_failure(crate::clock::now_ms());
+        let now = crate::clock::now_ms();
+        assert!(!udp.endpoints[0].stats.is_available(now));
+        assert!(
+            tcp.endpoints[0].stats.is_available(now),
+            "TCP is not ejected"
+        );
+        // A rebuild finds each transport's stats again.
+        let t2 = RoutingTable::build(&d, &BuildOptions::default(), &stats, 2);
+        let pools = &t2.services["dns"].pools;
+        let udp2 = &pools[t2.services["dns"].pool_index(80, Protocol::Udp).unwrap()];
+        assert!(Arc::ptr_eq(
+            &udp2.endpoints[0].stats,
+            &udp.endpoints[0].stats
+        ));
+        assert_eq!(pools.len(), 2);
     }
 
     #[test]

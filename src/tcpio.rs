@@ -193,18 +193,21 @@ impl<'de> serde::Deserialize<'de> for CongestionControl {
     }
 }
 
-/// `net.ipv4.tcp_congestion_control`: what new sockets get (empty if unreadable).
-pub fn kernel_congestion() -> String {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+/// The sysctl `net.ipv4.NAME`, trimmed ("(unknown)" if unreadable).
+fn net_ipv4(name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
         .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+        .unwrap_or_else(|_| "(unknown)".to_owned())
+}
+
+/// `net.ipv4.tcp_congestion_control`: what new sockets get.
+pub fn kernel_congestion() -> String {
+    net_ipv4("tcp_congestion_control")
 }
 
 /// `net.ipv4.tcp_available_congestion_control`, for error messages.
 fn available_congestion() -> String {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "(unknown)".to_owned())
+    net_ipv4("tcp_available_congestion_control")
 }
 
 /// The congestion control of connections to endpoints (`upstream_congestion`); empty: the
@@ -227,9 +230,7 @@ pub fn set_upstream_congestion(cc: Option<&CongestionControl>) -> io::Result<()>
                      without CAP_NET_ADMIN: {}",
                     cc.as_str(),
                     available_congestion(),
-                    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
-                        .map(|s| s.trim().to_owned())
-                        .unwrap_or_default()
+                    net_ipv4("tcp_allowed_congestion_control")
                 ),
             )
         })?;

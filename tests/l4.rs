@@ -711,6 +711,38 @@ async fn active_health_check_takes_bad_endpoint_out_and_back() {
     );
 }
 
+/// The same target over TCP and UDP is two endpoints. A DNS-like server that answers UDP and
+/// takes no TCP is marked down by the (TCP) health check for TCP only, and keeps serving UDP.
+#[tokio::test]
+async fn tcp_health_verdict_leaves_udp_on_the_same_target_serving() {
+    let echo = Backend::udp_echo().await;
+    let target = echo.addr.port();
+    let (udp_port, tcp_port) = (free_udp_port(), free_port());
+    let body = format!(
+        "services:\n  dns:\n    ports: [\"{udp_port}:{target}/udp\", \"{tcp_port}:{target}/tcp\"]\n    endpoints: [\"127.0.0.1\"]\n    health_check: {{ interval: 100ms, timeout: 500ms, fall: 1, rise: 1 }}\n"
+    );
+    let mg = Meshgate::start(&body).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let table = mg.get("/api/table").await.unwrap();
+        if table.contains("\"Down\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TCP endpoint never marked down: {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Checks go on every 100 ms: UDP must be served across several of them.
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    c.connect(addr(udp_port)).await.unwrap();
+    for i in 0..5u8 {
+        assert_eq!(udp_exchange(&c, &[i], 2).await, Some(1), "datagram {i}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn reload_keeps_established_connections() {
     let (e1, e2) = (Backend::tcp_echo().await, Backend::tcp_echo().await);

@@ -19,7 +19,7 @@ use rustls::server::danger::ClientCertVerifier;
 
 use super::headers::Cidr;
 use super::rule::{parent_domain, HostPattern, RequestView, Rule};
-use crate::model::{DesiredState, EntrypointKind, EntrypointSpec, HttpUpstream, Problem};
+use crate::model::{DesiredState, EntrypointKind, EntrypointSpec, HttpUpstream, Problem, Protocol};
 use crate::table::{Pool, ServiceRoute};
 
 /// Default time allowed for a request head (and keep-alive idle between requests).
@@ -148,12 +148,13 @@ fn build_target(service: &Arc<ServiceRoute>) -> Result<Target, String> {
     let spec = &service.spec;
     let port = spec
         .http_port
-        .or_else(|| spec.ports.first().map(|p| p.target))
+        .or_else(|| {
+            let mut tcp = spec.ports.iter().filter(|p| p.protocol == Protocol::Tcp);
+            tcp.next().map(|p| p.target)
+        })
         .ok_or_else(|| format!("service {} has no http_port", spec.name))?;
     let pool = service
-        .pools
-        .iter()
-        .position(|p| p.target == port)
+        .pool_index(port, Protocol::Tcp)
         .ok_or_else(|| format!("service {} has no pool for port {port}", spec.name))?;
     let endpoints = &service.pools[pool].endpoints;
     let authorities = endpoints
