@@ -677,6 +677,22 @@ async fn idle_timeout_and_proxy_protocol() {
     assert_eq!(mg.metric("meshgate_idle_closed_total").await, 1.0);
 }
 
+/// Poll `/api/table` until an endpoint is down (at most 3 s); the table then.
+async fn wait_for_down(mg: &Meshgate) -> String {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let table = mg.get("/api/table").await.unwrap();
+        if table.contains("\"Down\"") {
+            return table;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no endpoint marked down: {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn active_health_check_takes_bad_endpoint_out_and_back() {
     // The TCP echo accepts connections (passive health cannot see it is broken) but is no HTTP
@@ -689,18 +705,7 @@ async fn active_health_check_takes_bad_endpoint_out_and_back() {
         good.addr, bad.addr
     );
     let mg = Meshgate::start(&body).await;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let table = mg.get("/api/table").await.unwrap();
-        if table.contains("\"Down\"") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "bad endpoint never marked down: {table}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_down(&mg).await;
     for _ in 0..20 {
         assert_eq!(ask_name(addr(port)).await.unwrap(), "good");
     }
@@ -722,18 +727,12 @@ async fn tcp_health_verdict_leaves_udp_on_the_same_target_serving() {
         "services:\n  dns:\n    ports: [\"{udp_port}:{target}/udp\", \"{tcp_port}:{target}/tcp\"]\n    endpoints: [\"127.0.0.1\"]\n    health_check: {{ interval: 100ms, timeout: 500ms, fall: 1, rise: 1 }}\n"
     );
     let mg = Meshgate::start(&body).await;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let table = mg.get("/api/table").await.unwrap();
-        if table.contains("\"Down\"") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "TCP endpoint never marked down: {table}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let table = wait_for_down(&mg).await;
+    assert_eq!(
+        table.matches("\"Down\"").count(),
+        1,
+        "only TCP is down: {table}"
+    );
     // Checks go on every 100 ms: UDP must be served across several of them.
     let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     c.connect(addr(udp_port)).await.unwrap();
