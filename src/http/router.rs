@@ -149,8 +149,8 @@ fn build_target(service: &Arc<ServiceRoute>) -> Result<Target, String> {
     let port = spec
         .http_port
         .or_else(|| {
-            let mut tcp = spec.ports.iter().filter(|p| p.protocol == Protocol::Tcp);
-            tcp.next().map(|p| p.target)
+            let first_tcp = spec.ports.iter().find(|p| p.protocol == Protocol::Tcp);
+            first_tcp.map(|p| p.target)
         })
         .ok_or_else(|| format!("service {} has no http_port", spec.name))?;
     let pool = service
@@ -465,6 +465,28 @@ mod tests {
             );
         }
         d
+    }
+
+    /// Without `http_port`, HTTP goes to the first TCP port's target, over that TCP pool: a UDP
+    /// port listed first (DNS beside a web UI) is not it.
+    #[test]
+    fn http_defaults_to_the_first_tcp_port() {
+        let mut d = desired(&[]);
+        let s = d.services.get_mut("a").unwrap();
+        s.http_port = None;
+        let port = |published, target, protocol| crate::model::PortSpec {
+            published,
+            target,
+            protocol,
+            bind: "0.0.0.0".parse().unwrap(),
+        };
+        s.ports = vec![port(53, 53, Protocol::Udp), port(8080, 80, Protocol::Tcp)];
+        let t = RoutingTable::build(&d, &BuildOptions::default(), &StatsRegistry::default(), 1);
+        let target = build_target(&t.services["a"]).unwrap();
+        assert_eq!(
+            (target.pool().target, target.pool().protocol),
+            (80, Protocol::Tcp)
+        );
     }
 
     fn route(t: &RoutingTable, host: &str, path: &str) -> Option<String> {
