@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B two meshgate binaries on the same machine in the same run: interleaved rounds (A B A B …)
+# A/B two meshgate binaries on the same machine in the same run: interleaved rounds (A B, B A, …)
 # of wrk (HTTP/1.1 keep-alive; `close`: a new connection per request; `l4`: keep-alive through
 # an L4 TCP port; `l4close`: a new L4 connection, and so a new upstream one, per request;
 # `h1tls`: HTTP/1.1 keep-alive over TLS) or h2load (`h2`: HTTP/2 over TLS),
@@ -9,7 +9,7 @@
 # `dns`: both as DNS servers of 1,000 names, dnsperf (4 sockets) at DNS_RATE queries/s (0, the
 # default: as fast as it goes); compared by server CPU µs per answered query (lower is better).
 # `bulk`: iperf3 (STREAMS streams, default 1) through an L4 port to `iperf3 -s`, in Gbit/s, with
-# a direct round (no proxy) beside each A B pair for scale.
+# a direct round (no proxy) beside each A B pair for scale. No nginx for dns and bulk.
 # Usage: benches/load/ab.sh BIN_A BIN_B [http|close|h2|h1tls|l4|l4close|dns|bulk] [rounds] [seconds]
 # THREADS=N (default 1): N worker threads per proxy and N load threads with 64*N connections;
 # with N > 1 nothing is pinned (proxies, backend and load share every core).
@@ -19,11 +19,12 @@ A=$1; B=$2; MODE=${3:-http}; ROUNDS=${4:-5}; SECS=${5:-4}
 LOAD_CPU=${LOAD_CPU:-0}; PROXY_CPU=${PROXY_CPU:-1}; P=${BASE_PORT:-26000}
 THREADS=${THREADS:-1}; C=$((64 * THREADS))
 if [ "$THREADS" -gt 1 ]; then ALL=$(seq -s, 0 $(($(nproc) - 1))); LOAD_CPU=$ALL; PROXY_CPU=$ALL; fi
-NEED="nginx wrk h2load openssl"; [ "$MODE" = dns ] && NEED="$NEED dnsperf"; [ "$MODE" = bulk ] && NEED="$NEED iperf3 python3"
+# The nginx backend serves the HTTP modes (and l4/l4close); dns and bulk have their own servers.
+case $MODE in dns) NEED="dnsperf python3" ;; bulk) NEED="iperf3 python3" ;; *) NEED="nginx wrk h2load openssl python3" ;; esac
 for t in $NEED; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 3; }; done
 . "$(cd "$(dirname "$0")" && pwd)/common.sh"
 lb_tmp meshgate-ab
-lb_cert
+case $MODE in dns|bulk) ;; *) lb_cert ;; esac
 KIND=http; SCHEME=http
 case $MODE in h2|h1tls) KIND=https; SCHEME=https ;; esac
 CLOSE=; case $MODE in close|l4close) CLOSE=1 ;; esac
@@ -41,7 +42,7 @@ fi
 # A_EXTRA / B_EXTRA: YAML lines appended to one side's config, to A/B a setting with one binary.
 [ -n "${A_EXTRA:-}" ] && printf '%s\n' "$A_EXTRA" >>"$TMP/a.yaml"
 [ -n "${B_EXTRA:-}" ] && printf '%s\n' "$B_EXTRA" >>"$TMP/b.yaml"
-lb_backend
+case $MODE in dns|bulk) ;; *) lb_backend ;; esac
 TOKIO_WORKER_THREADS=$THREADS taskset -c "$PROXY_CPU" "$A" run --config "$TMP/a.yaml" & PIDS+=($!); PA=$!
 TOKIO_WORKER_THREADS=$THREADS taskset -c "$PROXY_CPU" "$B" run --config "$TMP/b.yaml" & PIDS+=($!); PB=$!
 sleep 1
@@ -78,13 +79,23 @@ round_of() { # port pid -> "rate cpu"
   if [ "$MODE" = dns ]; then echo "$v $v"; else
     python3 -c "v=float('${v:-0}' or 0); print('$v', round(($t1-$t0)*1e4/(v*$SECS), 2) if v else 0)"; fi
 }
+# The order within a round rotates (A B [direct], B [direct] A, [direct] A B, ...): neither side
+# always runs first, after the other, or right after the direct round.
 for r in $(seq "$ROUNDS"); do
-  read -r a cpa <<<"$(round_of $((P+2)) "$PA")"; read -r b cpb <<<"$(round_of $((P+3)) "$PB")"
-  if [ "$MODE" = dns ]; then echo "round $r: A $a $UNIT, B $b $UNIT"
+  sides=(a b); [ "$MODE" = bulk ] && sides=(a b d)
+  k=$(((r - 1) % ${#sides[@]})); order="${sides[*]:k} ${sides[*]:0:k}"
+  for side in $order; do
+    case $side in
+      a) read -r a cpa <<<"$(round_of $((P+2)) "$PA")" ;;
+      b) read -r b cpb <<<"$(round_of $((P+3)) "$PB")" ;;
+      d) d=$(run $((P+4)) "$SECS"); rd+=("$d") ;;
+    esac
+  done
+  order=$(echo $order | tr 'abd' 'ABd' | sed 's/d/direct/')
+  if [ "$MODE" = dns ]; then echo "round $r ($order): A $a $UNIT, B $b $UNIT"
   elif [ "$MODE" = bulk ]; then
-    d=$(run $((P+4)) "$SECS"); rd+=("$d")
-    echo "round $r: A $a $UNIT ($cpa CPU-us per Gbit), B $b $UNIT ($cpb CPU-us per Gbit), direct $d"
-  else echo "round $r: A $a $UNIT ($cpa us/req), B $b $UNIT ($cpb us/req)"; fi
+    echo "round $r ($order): A $a $UNIT ($cpa CPU-us per Gbit), B $b $UNIT ($cpb CPU-us per Gbit), direct $d"
+  else echo "round $r ($order): A $a $UNIT ($cpa us/req), B $b $UNIT ($cpb us/req)"; fi
   ra+=("$a"); rb+=("$b"); ca+=("$cpa"); cb+=("$cpb")
 done
 python3 - "${ra[*]}" "${rb[*]}" "$UNIT" "${ca[*]}" "${cb[*]}" "${rd[*]:-}" <<'EOF2'
